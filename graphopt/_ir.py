@@ -1,0 +1,384 @@
+"""The IR: an onnx-graphsurgeon graph plus what a graph alone lacks.
+
+:class:`Model` keeps the opset imports, the model-level metadata and where the
+model came from. Weights stay where they are until a pass asks for their
+values: tensors in external data files are wrapped in :class:`ExternalValues`,
+which records the file, offset and length and memory-maps (copy-on-write) only
+when ``.load()`` is called. Saving streams those bytes from the source file to
+the new one, so a multi-GB model is never held in memory to be re-written.
+
+Saving is atomic: everything is written to temporary files beside the target,
+flushed, then renamed into place; on any failure the temporaries are removed
+and no output file appears. The input file is opened read-only and never
+written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt._errors import ModelLoadError, ModelSaveError
+
+logger = logging.getLogger(__name__)
+
+#: Protobuf refuses messages of 2 GiB or more; stay well clear of it.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Models whose tensors add up to more than this are saved with external data.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 256 * 2**20
+#: Tensors smaller than this stay inside the .onnx file when saving externally.
+EXTERNAL_MIN_BYTES = 1024
+#: Offsets in external data files are aligned so each tensor can be mmapped.
+ALIGNMENT = 4096
+_COPY_CHUNK = 64 * 2**20
+
+# onnx dtypes a numpy memmap can represent byte-for-byte.
+_MEMMAPPABLE = {
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
+    TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
+    TensorProto.BOOL,
+}
+
+
+def tensor_nbytes(t: TensorProto) -> int:
+    """Bytes of a tensor's data as stored (packed for 4-bit types)."""
+    numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    bits = {
+        TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
+    }.get(t.data_type)
+    if bits is not None:
+        return (numel * bits + 7) // 8
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0
+    return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+class ExternalValues(LazyValues):
+    """Values of one tensor stored in an external data file, read on demand.
+
+    ``load()`` memory-maps the bytes copy-on-write, so a pass that reads a
+    weight touches only the pages it reads and can never write to the source
+    file. :meth:`iter_bytes` streams the raw bytes without mapping them, which
+    keeps the resident set small while saving or hashing.
+    """
+
+    def __init__(self, tensor: TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        info = ExternalDataInfo(tensor)
+        self.path = (base_dir / info.location).resolve()
+        self.offset = int(info.offset or 0)
+        self.length = int(info.length) if info.length else tensor_nbytes(tensor)
+        self.data_type = tensor.data_type
+        self.loads = 0  # how often values were materialised (tests, stats)
+
+    def load(self) -> np.ndarray:
+        self.loads += 1
+        shape = tuple(int(d) for d in self.tensor.dims)
+        if self.data_type in _MEMMAPPABLE and self.length > 0:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
+            return np.memmap(self.path, dtype=dtype, mode="c", offset=self.offset, shape=shape)
+        # Types numpy cannot map directly (bfloat16, float8, int4, ...): let onnx decode.
+        copy = TensorProto()
+        copy.CopyFrom(self.tensor)
+        del copy.external_data[:]
+        copy.data_location = TensorProto.DEFAULT
+        copy.raw_data = b"".join(self.iter_bytes())
+        return onnx.numpy_helper.to_array(copy)
+
+    def iter_bytes(self, chunk: int = _COPY_CHUNK) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise ModelSaveError(
+                        f"external data file {self.path} ends early: tensor {self.tensor.name!r} "
+                        f"needs {self.length} bytes at offset {self.offset}"
+                    )
+                left -= len(block)
+                yield block
+
+    def __str__(self) -> str:
+        return f"ExternalValues({self.path.name}@{self.offset}, shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclass
+class Model:
+    """An ONNX model being optimized: a graphsurgeon graph plus model-level facts."""
+
+    graph: gs.Graph
+    opset_imports: dict[str, int]
+    ir_version: int = onnx.IR_VERSION
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: dict[str, str] = field(default_factory=dict)
+    #: Where the model was loaded from (None for a model built in memory).
+    source: Path | None = None
+    #: Whether the source stored weights in external data files.
+    source_external_data: bool = False
+    #: Per-pass statistics of every pipeline run on this model (appended).
+    history: list = field(default_factory=list)
+    #: Explanations passes left (why a candidate was not rewritten), with --explain.
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, base_dir: Path | None = None,
+                   source: Path | None = None) -> Model:
+        """Wrap a ModelProto. Initializers with external data resolve against ``base_dir``."""
+        graph = gs.import_onnx(proto)
+        external = False
+        if base_dir is not None:
+            protos = {t.name: t for t in proto.graph.initializer}
+            for tensor in graph.tensors().values():
+                if not isinstance(tensor, gs.Constant):
+                    continue
+                values = tensor._values
+                if isinstance(values, LazyValues) and uses_external_data(values.tensor):
+                    tp = protos.get(tensor.name, values.tensor)
+                    tensor._values = ExternalValues(tp, base_dir)
+                    external = True
+        return cls(
+            graph=graph,
+            opset_imports={o.domain: o.version for o in proto.opset_import},
+            ir_version=proto.ir_version,
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            doc_string=proto.doc_string,
+            metadata_props={p.key: p.value for p in proto.metadata_props},
+            source=source,
+            source_external_data=external,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Model:
+        """Load an ONNX file without reading its external weights."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"cannot load {path}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"cannot load {path}: it is a directory, expected an .onnx file")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {path}: not an ONNX model ({type(e).__name__})") from e
+        except OSError as e:
+            raise ModelLoadError(f"cannot load {path}: {e.strerror or e}") from e
+        if not proto.HasField("graph") or proto.ir_version == 0:
+            raise ModelLoadError(f"cannot load {path}: not an ONNX model (no graph or IR version)")
+        base_dir = path.resolve().parent
+        for t in proto.graph.initializer:
+            if uses_external_data(t):
+                loc = base_dir / ExternalDataInfo(t).location
+                if not loc.is_file():
+                    raise ModelLoadError(
+                        f"cannot load {path}: tensor {t.name!r} refers to external data "
+                        f"{ExternalDataInfo(t).location!r}, which does not exist beside the model"
+                    )
+        try:
+            return cls.from_proto(proto, base_dir=base_dir, source=path.resolve())
+        except Exception as e:  # graphsurgeon rejects some malformed graphs
+            raise ModelLoadError(f"cannot load {path}: malformed graph ({type(e).__name__}: {e})") from e
+
+    # ------------------------------------------------------------ inspection
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.graph.nodes
+
+    def node_count(self) -> int:
+        return len(self.graph.nodes)
+
+    def op_histogram(self) -> Counter:
+        return Counter(
+            f"{n.domain}::{n.op}" if (n.domain or "") not in ("", "ai.onnx") else n.op
+            for n in self.graph.nodes
+        )
+
+    def constants(self) -> dict[str, gs.Constant]:
+        return {n: t for n, t in self.graph.tensors().items() if isinstance(t, gs.Constant)}
+
+    def opset(self, domain: str = "") -> int | None:
+        return self.opset_imports.get(domain)
+
+    # ------------------------------------------------------------------ copy
+    def copy(self) -> Model:
+        """A copy whose graph can be edited freely. Weight arrays are shared, not copied:
+        passes replace a constant's values, they never write into them."""
+        graph = self.graph.copy()
+        graph.producer_name = self.graph.producer_name
+        graph.producer_version = self.graph.producer_version
+        return Model(
+            graph=graph,
+            opset_imports=dict(self.opset_imports),
+            ir_version=self.ir_version,
+            producer_name=self.producer_name,
+            producer_version=self.producer_version,
+            domain=self.domain,
+            model_version=self.model_version,
+            doc_string=self.doc_string,
+            metadata_props=dict(self.metadata_props),
+            source=self.source,
+            source_external_data=self.source_external_data,
+            history=list(self.history),
+            notes=list(self.notes),
+        )
+
+    # ---------------------------------------------------------------- export
+    def to_onnx(self) -> onnx.ModelProto:
+        """Export to a ModelProto. External weights stay external references to the source."""
+        self.graph.toposort()
+        self.graph.opset = self.opset_imports.get("", self.graph.opset)
+        proto = gs.export_onnx(
+            self.graph,
+            do_type_check=False,
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(self.opset_imports.items())],
+        )
+        proto.ir_version = self.ir_version
+        proto.producer_name = self.producer_name
+        proto.producer_version = self.producer_version
+        proto.domain = self.domain
+        proto.model_version = self.model_version
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for k, v in self.metadata_props.items():
+            proto.metadata_props.add(key=k, value=v)
+        return proto
+
+    def to_onnx_without_weights(self, keep_below: int = EXTERNAL_MIN_BYTES) -> onnx.ModelProto:
+        """A ModelProto where every weight of ``keep_below`` bytes or more is a typed graph
+        input instead of an initializer: cheap to check and shape-infer on any model size."""
+        proto = self.to_onnx()
+        keep, moved = [], []
+        for t in proto.graph.initializer:
+            (moved if uses_external_data(t) or tensor_nbytes(t) >= keep_below else keep).append(t)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        for t in moved:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        return proto
+
+    # ------------------------------------------------------------------ save
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        """Write the model atomically.
+
+        ``external_data``: True writes tensors of at least 1 KiB to ``<name>.data``
+        beside the model; False keeps everything in the .onnx file; None (default)
+        chooses external data when the source used it or when the tensors would pass
+        protobuf's 2 GiB limit.
+        """
+        path = Path(path)
+        if path.exists() and path.is_dir():
+            raise ModelSaveError(f"cannot save to {path}: it is a directory")
+        if not path.parent.exists():
+            raise ModelSaveError(f"cannot save to {path}: directory {path.parent} does not exist")
+        sources = {
+            name: t._values for name, t in self.constants().items() if isinstance(t._values, ExternalValues)
+        }
+        try:
+            proto = self.to_onnx()
+        except Exception as e:
+            raise ModelSaveError(f"cannot save to {path}: export failed ({type(e).__name__}: {e})") from e
+        total = sum(tensor_nbytes(t) for t in proto.graph.initializer)
+        if external_data is None:
+            external_data = self.source_external_data or total > EXTERNAL_DATA_THRESHOLD
+        data_name = path.name + ".data"
+        temps: list[Path] = []
+        try:
+            onnx_tmp = _temp_beside(path, temps)
+            if external_data:
+                data_tmp = _temp_beside(path.with_name(data_name), temps)
+                _write_external(proto, sources, data_tmp, data_name)
+            else:
+                _inline_external(proto, sources)
+            blob = proto.SerializeToString()
+            if len(blob) > PROTOBUF_LIMIT:
+                raise ModelSaveError("the model exceeds protobuf's 2 GiB limit; save with external_data=True")
+            with open(onnx_tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            del blob
+            if external_data:
+                os.replace(data_tmp, path.with_name(data_name))
+            os.replace(onnx_tmp, path)
+            temps.clear()
+        except ModelSaveError as e:
+            raise ModelSaveError(f"cannot save to {path}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise ModelSaveError(f"cannot save to {path}: {type(e).__name__}: {e}") from e
+        finally:
+            for t in temps:
+                t.unlink(missing_ok=True)
+        logger.info("saved %s (%s)", path, "external data" if external_data else "inline")
+        return path
+
+
+def _temp_beside(target: Path, temps: list[Path]) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    temps.append(Path(name))
+    return Path(name)
+
+
+def _write_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues], data_tmp: Path,
+                    data_name: str) -> None:
+    """Move every large initializer's bytes into ``data_tmp``, streaming from the source file
+    for tensors that were external already, and point the protos at ``data_name``."""
+    with open(data_tmp, "wb") as out:
+        for t in proto.graph.initializer:
+            src = sources.get(t.name) if uses_external_data(t) else None
+            if src is None and (not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES):
+                continue  # small or typed-field tensors stay inline
+            pad = (-out.tell()) % ALIGNMENT
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            if src is not None:
+                for block in src.iter_bytes():
+                    out.write(block)
+                length = src.length
+            else:
+                out.write(t.raw_data)
+                length = len(t.raw_data)
+                t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=k, value=v)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _inline_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues]) -> None:
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            src = sources.get(t.name)
+            if src is None:
+                raise ModelSaveError(f"tensor {t.name!r} refers to external data graphopt did not load")
+            t.raw_data = b"".join(src.iter_bytes())
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Load an ONNX model. External weights are not read until a pass needs them."""
+    return Model.load(path)

@@ -1,0 +1,73 @@
+"""Safe graph edits shared by every pass.
+
+onnx-graphsurgeon lets you rewire anything and clean up later, so a pass can
+leave a half-edited graph. These helpers do one complete edit each and refuse
+(returning False) when the edit would change what the graph computes or names
+as its outputs.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+
+def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> int:
+    """Make every consumer of ``old`` (nodes, including those in subgraphs) read ``new``.
+
+    Graph outputs are not touched. Returns the number of inputs rewired.
+    """
+    count = 0
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+                count += 1
+    return count
+
+
+def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> bool:
+    """Remove ``node`` whose output ``dst`` equals its input ``src``.
+
+    When ``dst`` is a graph output, ``src`` takes its name and place, which is only
+    possible if ``src`` is an internal tensor produced by a node; otherwise the node is
+    kept and False is returned.
+    """
+    is_output = any(t is dst for t in graph.outputs)
+    if is_output:
+        src_is_boundary = (
+            isinstance(src, gs.Constant)
+            or any(t is src for t in graph.inputs)
+            or any(t is src for t in graph.outputs)
+            or not src.inputs
+        )
+        if src_is_boundary:
+            return False
+    replace_uses(graph, dst, src)
+    if is_output:
+        name = dst.name
+        node.outputs.clear()  # frees the name before src takes it
+        src.name = name
+        src.dtype = src.dtype if src.dtype is not None else dst.dtype
+        src.shape = src.shape if src.shape is not None else dst.shape
+        graph.outputs = [src if t is dst else t for t in graph.outputs]
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+def remove_dead(graph: gs.Graph) -> tuple[int, int]:
+    """Drop nodes and constants that no graph output depends on.
+
+    Returns (nodes removed, constants removed). Graph inputs are kept: removing one
+    changes the model's interface.
+    """
+    nodes = len(graph.nodes)
+    consts = sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+    graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False, recurse_subgraphs=True)
+    after = sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+    return nodes - len(graph.nodes), consts - after
+
+
+def is_standard(node: gs.Node, *ops: str) -> bool:
+    """Whether ``node`` is in the default ONNX domain (and, if given, one of ``ops``)."""
+    return (node.domain or "") in ("", "ai.onnx") and (not ops or node.op in ops)
