@@ -103,7 +103,12 @@ def make_plugin_manager(registry: Registry, *, entry_points: bool = True,
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        _warn(f"graphopt plugin {e.plugin!r}: {e}", registry)
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        hooks = ", ".join(sorted(h for h in dir(e.plugin) if h.startswith("graphopt_")
+                                 and not hasattr(hookspecs, h)))
+        _warn(f"graphopt plugin {name!r} implements unknown hook(s) {hooks}; known hooks: "
+              f"graphopt_register_passes, graphopt_register_backends, graphopt_register_decompositions",
+              registry)
     return pm
 
 

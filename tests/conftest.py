@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_MODELS = sorted(FIXTURES.glob("*-*-*.onnx"))
+
+
+def fixture_ids() -> list[str]:
+    return [p.stem for p in FIXTURE_MODELS]
+
+
+@pytest.fixture(params=FIXTURE_MODELS, ids=fixture_ids())
+def fixture_model(request) -> Path:
+    """Each exported decoder fixture (llama/qwen2 × dynamo/torchscript × prefill/decode)."""
+    return request.param
+
+
+def reference(path: Path) -> dict[str, np.ndarray]:
+    """Inputs and torch outputs stored beside a fixture."""
+    with np.load(path.with_suffix(".npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def split_reference(model_path: Path) -> tuple[dict, dict]:
+    ref = reference(model_path)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    inputs = {i.name for i in proto.graph.input}
+    return {k: v for k, v in ref.items() if k in inputs}, {k: v for k, v in ref.items() if k not in inputs}
+
+
+def run_ort(model: graphopt.Model | Path, feeds: dict) -> dict[str, np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    if isinstance(model, Path):
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(model.to_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def make_mlp(hidden: int = 64, layers: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A small MLP with weights over 1 KiB (so they go to external data), a duplicated
+    weight, an Identity and a foldable constant expression."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    x = "x"
+    for i in range(layers):
+        w = rng.standard_normal((hidden, hidden)).astype(np.float32) / hidden**0.5
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+    inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    nodes.append(helper.make_node("Mul", ["two", "half"], ["one"], name="fold_me"))
+    nodes.append(helper.make_node("Mul", [x, "one"], ["scaled"], name="scale"))
+    nodes.append(helper.make_node("Identity", ["scaled"], ["y"], name="id"))
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="graphopt-tests")
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def mlp_proto() -> onnx.ModelProto:
+    return make_mlp()
+
+
+def save_external(proto: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def manifest() -> dict:
+    p = FIXTURES / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else {}
