@@ -196,3 +196,14 @@ def test_copy_is_independent(mlp_proto):
     assert model.node_count() == len(mlp_proto.graph.node)
     assert model.opset() == 18
     assert clone.node_count() == model.node_count() - 1
+
+
+def test_fixture_set_is_complete():
+    from conftest import FIXTURE_MODELS
+
+    names = {p.name for p in FIXTURE_MODELS}
+    expected = {f"{m}-{e}-{g}.onnx" for m in ("llama", "qwen2") for e in ("dynamo", "torchscript")
+                for g in ("prefill", "decode")}
+    assert expected <= names, f"missing fixtures: {sorted(expected - names)}; run tests/fixtures/export.py"
+    for p in FIXTURE_MODELS:
+        assert p.with_suffix(".npz").is_file(), p
