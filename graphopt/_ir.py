@@ -267,7 +267,21 @@ class Model:
     def to_onnx_without_weights(self, keep_below: int = EXTERNAL_MIN_BYTES) -> onnx.ModelProto:
         """A ModelProto where every weight of ``keep_below`` bytes or more is a typed graph
         input instead of an initializer: cheap to check and shape-infer on any model size."""
-        proto = self.to_onnx()
+        swapped = []
+        for t in self.constants().values():  # big in-memory arrays: export dims and dtype only
+            v = t._values
+            if isinstance(v, np.ndarray) and v.nbytes >= keep_below and v.dtype.kind in "biufc":
+                stub = TensorProto(name=t.name, dims=list(v.shape),
+                                   data_type=onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+                stub.data_location = TensorProto.EXTERNAL
+                stub.external_data.add(key="location", value="<in memory>")
+                swapped.append((t, v))
+                t._values = LazyValues(stub)
+        try:
+            proto = self.to_onnx()
+        finally:
+            for t, v in swapped:
+                t._values = v
         keep, moved = [], []
         for t in proto.graph.initializer:
             (moved if uses_external_data(t) or tensor_nbytes(t) >= keep_below else keep).append(t)
