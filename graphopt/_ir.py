@@ -15,6 +15,7 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -227,20 +228,9 @@ class Model:
         graph = self.graph.copy()
         graph.producer_name = self.graph.producer_name
         graph.producer_version = self.graph.producer_version
-        return Model(
-            graph=graph,
-            opset_imports=dict(self.opset_imports),
-            ir_version=self.ir_version,
-            producer_name=self.producer_name,
-            producer_version=self.producer_version,
-            domain=self.domain,
-            model_version=self.model_version,
-            doc_string=self.doc_string,
-            metadata_props=dict(self.metadata_props),
-            source=self.source,
-            source_external_data=self.source_external_data,
-            history=list(self.history),
-            notes=list(self.notes),
+        return dataclasses.replace(
+            self, graph=graph, opset_imports=dict(self.opset_imports), metadata_props=dict(self.metadata_props),
+            history=list(self.history), notes=list(self.notes),
         )
 
     # ---------------------------------------------------------------- export

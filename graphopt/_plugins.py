@@ -131,25 +131,21 @@ def build_registry(*, entry_points: bool = True, extra: tuple[tuple[str, Any], .
     registry = Registry()
     pm = make_plugin_manager(registry, entry_points=entry_points, extra=extra)
 
-    def pass_register(plugin: str) -> Callable:
-        def register(cls: Any) -> None:
-            name = getattr(cls, "name", "")
-            if not name or not callable(getattr(cls, "run", None)):
-                raise PluginError(f"{cls!r} is not a pass: it needs a 'name' and a 'run(model, ctx)' method")
-            if name in registry.passes:
-                raise PluginError(f"pass {name!r} is already registered by {registry.passes[name].plugin!r}")
-            registry.passes[name] = Registered(name, cls, plugin)
-        return register
+    def named_register(kind: str, table: dict[str, Registered], method: str, signature: str) -> Callable:
+        """A ``register(cls)`` for classes identified by their ``name`` attribute."""
+        def for_plugin(plugin: str) -> Callable:
+            def register(cls: Any) -> None:
+                name = getattr(cls, "name", "")
+                if not name or not callable(getattr(cls, method, None)):
+                    raise PluginError(f"{cls!r} is not a {kind}: it needs a 'name' and a '{signature}' method")
+                if name in table:
+                    raise PluginError(f"{kind} {name!r} is already registered by {table[name].plugin!r}")
+                table[name] = Registered(name, cls, plugin)
+            return register
+        return for_plugin
 
-    def backend_register(plugin: str) -> Callable:
-        def register(cls: Any) -> None:
-            name = getattr(cls, "name", "")
-            if not name or not callable(getattr(cls, "ops", None)):
-                raise PluginError(f"{cls!r} is not a backend: it needs a 'name' and an 'ops()' method")
-            if name in registry.backends:
-                raise PluginError(f"backend {name!r} is already registered by {registry.backends[name].plugin!r}")
-            registry.backends[name] = Registered(name, cls, plugin)
-        return register
+    pass_register = named_register("pass", registry.passes, "run", "run(model, ctx)")
+    backend_register = named_register("backend", registry.backends, "ops", "ops()")
 
     def decomposition_register(plugin: str) -> Callable:
         def register(domain: str, op_type: str, fn: Callable) -> None:
