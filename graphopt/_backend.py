@@ -9,10 +9,12 @@ Passes consult it before fusing; legalization splits back what it refuses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt._errors import BackendError
@@ -28,7 +30,13 @@ Predicate = Callable[[gs.Node, "Model"], "str | None"]
 
 @dataclass(frozen=True)
 class OpSupport:
-    """One declared op: ``domain::op_type`` for opsets ``since``..``until`` (inclusive)."""
+    """One declared op: ``domain::op_type`` in op versions ``since``..``until`` (inclusive).
+
+    For standard ONNX ops the version is the op's own ``since_version`` as resolved
+    against the model's opset (Softmax in an opset-18 model is Softmax-13), so a
+    declaration never silently covers a later revision of the op with new semantics.
+    For other domains it is the model's opset import for that domain.
+    """
 
     op_type: str
     domain: str = ""
@@ -42,8 +50,21 @@ class OpSupport:
                 "until": self.until, "conditional": self.predicate is not None, "note": self.note}
 
 
-def _norm_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
+def _norm_domain(domain: str | None) -> str:
+    return "" if domain in (None, "", "ai.onnx") else domain
+
+
+@functools.lru_cache(maxsize=4096)
+def op_version(op_type: str, domain: str, opset: int | None) -> int | None:
+    """The version of ``op_type`` a model with ``opset`` uses (its schema's since_version).
+
+    Falls back to ``opset`` for ops onnx has no schema for (custom domains)."""
+    if opset is None:
+        return None
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain).since_version
+    except onnx.defs.SchemaError:
+        return opset
 
 
 class Backend:
@@ -76,9 +97,10 @@ class Backend:
         return table
 
     def supports_op(self, op_type: str, domain: str = "", opset: int | None = None) -> bool:
-        """Whether the op is declared at all (for the given opset), ignoring predicates."""
+        """Whether the op is declared at all (in a model of the given opset), ignoring predicates."""
+        version = op_version(op_type, _norm_domain(domain), opset)
         for s in self._table().get((_norm_domain(domain), op_type), []):
-            if opset is None or (s.since <= opset and (s.until is None or opset <= s.until)):
+            if version is None or (s.since <= version and (s.until is None or version <= s.until)):
                 return True
         return False
 
@@ -88,11 +110,11 @@ class Backend:
         entries = self._table().get((domain, node.op), [])
         if not entries:
             return f"{self.name} does not support {domain + '::' if domain else ''}{node.op}"
-        opset = model.opset(domain) if domain else model.opset("")
-        if opset is not None:
-            entries = [s for s in entries if s.since <= opset and (s.until is None or opset <= s.until)]
+        version = op_version(node.op, domain, model.opset(domain))
+        if version is not None:
+            entries = [s for s in entries if s.since <= version and (s.until is None or version <= s.until)]
             if not entries:
-                return f"{self.name} does not support {node.op} at opset {opset}"
+                return f"{self.name} does not support {node.op}-{version}"
         reasons = []
         for s in entries:
             if s.predicate is None:

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt._errors import ModelLoadError, ModelSaveError
 
@@ -145,7 +146,10 @@ class Model:
     def from_proto(cls, proto: onnx.ModelProto, base_dir: Path | None = None,
                    source: Path | None = None) -> Model:
         """Wrap a ModelProto. Initializers with external data resolve against ``base_dir``."""
-        graph = gs.import_onnx(proto)
+        # graphsurgeon warns on stdout about things graphopt handles itself (missing
+        # opset imports, dtypes numpy lacks); keep only its errors.
+        with G_LOGGER.suppress(G_LOGGER.ERROR):
+            graph = gs.import_onnx(proto)
         external = False
         if base_dir is not None:
             protos = {t.name: t for t in proto.graph.initializer}

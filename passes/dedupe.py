@@ -3,8 +3,9 @@
 Constants with the same dtype, shape and bytes are stored once; every
 consumer reads the kept one. Candidates are grouped by (dtype, shape) first,
 so only tensors that could be equal are hashed, and external weights are
-hashed by streaming their bytes (never mapped whole). Equality is decided by a
-BLAKE2b-256 digest of the bytes.
+hashed by streaming their bytes (never mapped whole); a digest of the first
+64 KiB rules out most pairs before any tensor is read in full. Equality is
+decided by a BLAKE2b-256 digest of all bytes.
 """
 
 from __future__ import annotations
@@ -21,16 +22,31 @@ from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import remove_dead, replace_uses
 
 
-def _digest(t: gs.Constant) -> bytes:
-    h = hashlib.blake2b(digest_size=32)
+_PREFIX = 64 * 1024
+
+
+def _blocks(t: gs.Constant, limit: int | None = None):
+    """The tensor's bytes in blocks, read from wherever they live (up to ``limit`` bytes)."""
     v = t._values
     if isinstance(v, ExternalValues):
-        for block in v.iter_bytes():
-            h.update(block)
+        left = limit
+        for block in v.iter_bytes(chunk=min(limit or 2**26, 2**26)):
+            if left is not None:
+                block, left = block[:left], left - len(block)
+            yield block
+            if left is not None and left <= 0:
+                return
     elif isinstance(v, LazyValues) and v.tensor.HasField("raw_data"):
-        h.update(v.tensor.raw_data)
+        yield v.tensor.raw_data[:limit] if limit else v.tensor.raw_data
     else:
-        h.update(np.ascontiguousarray(t.values).tobytes())
+        data = np.ascontiguousarray(t.values).tobytes()
+        yield data[:limit] if limit else data
+
+
+def _digest(t: gs.Constant, limit: int | None = None) -> bytes:
+    h = hashlib.blake2b(digest_size=32)
+    for block in _blocks(t, limit):
+        h.update(block)
     return h.digest()
 
 
@@ -51,8 +67,14 @@ class InitializerDedupe(Pass):
         for members in groups.values():
             if len(members) < 2:
                 continue
-            keep: dict[bytes, gs.Constant] = {}
+            # Cheap first: tensors whose first 64 KiB differ cannot be equal, so most
+            # weights are never read whole.
+            by_prefix: dict[bytes, list[gs.Constant]] = defaultdict(list)
             for t in members:
+                by_prefix[_digest(t, _PREFIX)].append(t)
+            candidates = [t for group in by_prefix.values() if len(group) > 1 for t in group]
+            keep: dict[bytes, gs.Constant] = {}
+            for t in candidates:
                 d = _digest(t)
                 if d not in keep:
                     keep[d] = t
