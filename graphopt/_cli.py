@@ -22,6 +22,8 @@ from rich.table import Table
 
 import graphopt
 from graphopt._errors import GraphoptError
+from graphopt._evaluate import generate, load_inputs, verify
+from graphopt._inputs import InputSpec, build_inputs
 from graphopt._ir import Model, tensor_nbytes
 from graphopt._plugins import get_registry
 
@@ -189,6 +191,113 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------- run / verify
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic like every other output: write beside, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GraphoptError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = graphopt.load(args.model)
+    feeds = load_inputs(args.inputs) if args.inputs else build_inputs(model, InputSpec(
+        batch=args.batch, seq=args.seq, past=args.past))
+    exe = graphopt.compile(model, args.target)
+    outputs = exe.run({t.name: feeds[t.name] for t in model.graph.inputs if t.name in feeds} if args.inputs is None
+                      else feeds)
+    if args.output:
+        _save_npz(Path(args.output), outputs)
+    table = Table(title=f"graphopt run on {args.target}")
+    for col in ("output", "shape", "dtype", "mean", "std"):
+        table.add_column(col)
+    for name, v in outputs.items():
+        stats = (f"{float(np.mean(v)):.4g}", f"{float(np.std(v)):.4g}") if v.size and v.dtype.kind in "fiub" else ("-", "-")
+        table.add_row(name, str(v.shape), str(v.dtype), *stats)
+    out.print(table)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    inputs = load_inputs(args.inputs) if args.inputs else None
+    report = verify(args.reference, args.candidate, args.target, inputs=inputs, atol=args.atol, rtol=args.rtol)
+    if args.json:
+        _dump_json(report.to_dict())
+    else:
+        table = Table(title=f"graphopt verify: {args.candidate} on {args.target} vs {args.reference} on onnxruntime")
+        for col in ("output", "shape", "max abs", "max rel", "cosine", "top-1", "ok"):
+            table.add_column(col)
+        for o in report.outputs:
+            table.add_row(o.name, str(o.shape), f"{o.max_abs:.3e}", f"{o.max_rel:.3e}", f"{o.cosine:.6f}",
+                          "-" if o.top1 is None else f"{o.top1:.3f}", "yes" if o.ok else "[red]NO[/]")
+        out.print(table)
+    if not report.ok:
+        bad = [o for o in report.outputs if not o.ok]
+        err.print(f"graphopt verify: error: {len(bad)} output(s) beyond atol={args.atol:g} rtol={args.rtol:g}: "
+                  + ", ".join(f"{o.name} (max abs {o.max_abs:.3e})" for o in bad), markup=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _prompt(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise GraphoptError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise GraphoptError("--prompt-ids is empty")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    tokens = generate(args.model, _prompt(args.prompt_ids), args.max_new_tokens, args.target,
+                      eos_token_id=args.eos_token_id)
+    if args.json:
+        _dump_json({"prompt_ids": _prompt(args.prompt_ids), "tokens": tokens})
+    else:
+        sys.stdout.write(",".join(str(t) for t in tokens) + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from graphopt._bench import BenchConfig
+    from graphopt._bench import run as run_bench
+    from graphopt._inputs import has_kv_cache
+
+    graphopt.get_backend(args.target)  # unknown target: fail before measuring anything
+    model = graphopt.load(args.model)
+    cfg = BenchConfig(args.model, args.target, args.prefill, args.past, args.runs, args.warmup, args.batch, args.threads)
+    steps = 4 if has_kv_cache(model) else 2
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task(f"bench {args.target} vs onnxruntime", total=steps)
+        summary = run_bench(cfg, progress=lambda: progress.advance(task))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    table = Table(title=f"graphopt bench {args.model}: {args.target} vs onnxruntime "
+                        f"(prefill {args.prefill}, past {args.past}, batch {args.batch})")
+    for col in ("engine", "phase", "median", "min", "max", "tokens/s", "peak RSS", "vs ort", "of BW bound"):
+        table.add_column(col, justify="right" if col not in ("engine", "phase") else "left")
+    ratios = summary["ratios"]
+    for r in summary["results"]:
+        ratio = ratios.get(r["phase"], {}).get("latency_vs_onnxruntime") if r["engine"] != "onnxruntime" else None
+        frac = r.get("fraction_of_bandwidth_bound")
+        table.add_row(r["engine"], r["phase"], f"{r['median_s'] * 1e3:.2f} ms", f"{r['min_s'] * 1e3:.2f} ms",
+                      f"{r['max_s'] * 1e3:.2f} ms", f"{r['tokens_per_s']:.1f}", f"{r['peak_rss'] / 2**20:.0f} MiB",
+                      "-" if ratio is None else f"{ratio:.2f}×", "-" if frac is None else f"{frac:.0%}")
+    table.caption = (f"weights {summary['weight_bytes'] / 2**20:.1f} MiB; DRAM read "
+                     f"{summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s → decode bound "
+                     f"{summary['decode_bound_tokens_per_s']:.1f} tokens/s; 'vs ort' = latency ratio (lower is better)")
+    out.print(table)
+    return 0
+
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphopt", description="Graph-optimization compiler for ONNX models.")
@@ -225,6 +334,54 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=".onnx file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="run a model on a target", description="Run a model on a target backend.")
+    r.add_argument("model", help=".onnx file")
+    r.add_argument("--target", default="cpu", help="backend (see `graphopt backends`)")
+    r.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: valid generated inputs)")
+    r.add_argument("-o", "--output", metavar="OUT.npz", help="write outputs by name")
+    r.add_argument("--batch", type=int, default=1, help="generated inputs: batch size")
+    r.add_argument("--seq", type=int, default=8, help="generated inputs: new tokens")
+    r.add_argument("--past", type=int, default=0, help="generated inputs: KV-cache length")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("verify", help="compare a candidate on a target with a reference on onnxruntime",
+                       description="Run REFERENCE in onnxruntime and CANDIDATE on --target on the same inputs; "
+                                   "print max abs/rel error, cosine similarity and top-1 agreement per output; "
+                                   "exit 1 beyond tolerance.")
+    v.add_argument("reference", help="reference .onnx (run in onnxruntime)")
+    v.add_argument("candidate", help="candidate .onnx (run on --target)")
+    v.add_argument("--target", default="cpu")
+    v.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: valid generated inputs)")
+    v.add_argument("--atol", type=float, default=1e-4)
+    v.add_argument("--rtol", type=float, default=1e-4)
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_verify)
+
+    g = sub.add_parser("generate", help="greedy decoding with the KV cache",
+                       description="Greedy decoding for models with Hugging Face/optimum I/O names.")
+    g.add_argument("model", help=".onnx file")
+    g.add_argument("--target", default="cpu")
+    g.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--eos-token-id", type=int, help="stop after this token")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.set_defaults(func=cmd_generate)
+
+    be = sub.add_parser("bench", help="prefill/decode latency of a target next to onnxruntime",
+                        description="Prefill and decode-step latency, tokens/s and peak memory of a target and of "
+                                    "onnxruntime (CPU) on the same model in the same run, with their ratio and the "
+                                    "memory-bandwidth bound of a decode step.")
+    be.add_argument("model", help=".onnx file")
+    be.add_argument("--target", default="cpu")
+    be.add_argument("--prefill", type=int, default=32, help="prompt tokens of the prefill step")
+    be.add_argument("--past", type=int, default=128, help="KV-cache length of the decode step")
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--runs", type=int, default=10)
+    be.add_argument("--warmup", type=int, default=2)
+    be.add_argument("--threads", type=int, help="threads for both engines (default: all cores)")
+    be.add_argument("--json", metavar="OUT.json", help="write all figures as JSON")
+    be.set_defaults(func=cmd_bench)
     return p
 
 
