@@ -150,6 +150,10 @@ class Model:
         # opset imports, dtypes numpy lacks); keep only its errors.
         with G_LOGGER.suppress(G_LOGGER.ERROR):
             graph = gs.import_onnx(proto)
+        for node_proto, node in zip(proto.graph.node, graph.nodes):
+            meta = {p.key: p.value for p in node_proto.metadata_props if p.key.startswith("graphopt.")}
+            if meta:
+                node.meta = meta
         external = False
         if base_dir is not None:
             protos = {t.name: t for t in proto.graph.initializer}
@@ -230,6 +234,9 @@ class Model:
         """A copy whose graph can be edited freely. Weight arrays are shared, not copied:
         passes replace a constant's values, they never write into them."""
         graph = self.graph.copy()
+        for old, new in zip(self.graph.nodes, graph.nodes):
+            if hasattr(old, "meta"):
+                new.meta = dict(old.meta)
         graph.producer_name = self.graph.producer_name
         graph.producer_version = self.graph.producer_version
         return dataclasses.replace(
@@ -247,6 +254,9 @@ class Model:
             do_type_check=False,
             opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(self.opset_imports.items())],
         )
+        for node, node_proto in zip(self.graph.nodes, proto.graph.node):
+            for k, v in getattr(node, "meta", {}).items():
+                node_proto.metadata_props.add(key=k, value=str(v))
         proto.ir_version = self.ir_version
         proto.producer_name = self.producer_name
         proto.producer_version = self.producer_version

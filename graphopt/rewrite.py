@@ -71,3 +71,40 @@ def remove_dead(graph: gs.Graph) -> tuple[int, int]:
 def is_standard(node: gs.Node, *ops: str) -> bool:
     """Whether ``node`` is in the default ONNX domain (and, if given, one of ``ops``)."""
     return (node.domain or "") in ("", "ai.onnx") and (not ops or node.op in ops)
+
+
+def fuse(graph: gs.Graph, roots: list[gs.Tensor], node: gs.Node, rule: str,
+         replaced: list[gs.Node] = ()) -> gs.Node:
+    """Make ``node`` the producer of ``roots`` (the outputs of a matched subgraph) and drop
+    whatever computed them before once nothing else reads it. ``replaced`` are the matched
+    nodes, disconnected at once (the caller has checked nothing else reads them). ``node``
+    remembers ``rule`` (exported as the node's ``graphopt.rule`` metadata) so reports can
+    count fusions per rule."""
+    keep = {id(t) for t in roots} | {id(t) for t in node.inputs}
+    for old in replaced:
+        if not any(id(o) in keep for o in old.outputs):
+            old.inputs.clear()
+            old.outputs.clear()
+    for t in roots:
+        for old in list(t.inputs):
+            old.outputs = [o if o is not t else gs.Variable(f"{t.name}__replaced", t.dtype, t.shape)
+                           for o in old.outputs]
+    node.outputs = list(roots)
+    node.meta = {"graphopt.rule": rule}
+    graph.nodes.append(node)
+    return node
+
+
+def fused_by(node: gs.Node) -> str | None:
+    """The rule that created ``node``, if a graphopt fusion did."""
+    return getattr(node, "meta", {}).get("graphopt.rule")
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not used in ``graph`` yet."""
+    used = set(graph.tensors()) | {n.name for n in graph.nodes}
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -7,9 +7,11 @@ from graphopt.hookspecs import hookimpl
 from graphopt.passes.cleanup import DeadCodeElimination, IdentityElimination
 from graphopt.passes.constant_folding import ConstantFolding
 from graphopt.passes.dedupe import InitializerDedupe
+from graphopt.passes.rmsnorm import RMSNormFuse
 from graphopt.passes.shape_inference import ShapeInference
 
-BUILTIN_PASSES = (ShapeInference, IdentityElimination, ConstantFolding, InitializerDedupe, DeadCodeElimination)
+BUILTIN_PASSES = (ShapeInference, IdentityElimination, ConstantFolding, InitializerDedupe, RMSNormFuse,
+                  DeadCodeElimination)
 
 
 @hookimpl
