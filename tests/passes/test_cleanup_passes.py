@@ -129,11 +129,12 @@ def test_dead_code_keeps_graph_inputs():
 
 
 # ------------------------------------------------------------------ fixtures
-def _assert_same_outputs(original: graphopt.Model, optimized: graphopt.Model, feeds: dict) -> None:
+def _assert_same_outputs(original: graphopt.Model, optimized: graphopt.Model, feeds: dict,
+                         atol: float = 1e-6) -> None:
     ref, got = run_ort(original, feeds), run_ort(optimized, feeds)
     assert sorted(ref) == sorted(got)
     for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0, err_msg=k)
+        np.testing.assert_allclose(got[k], ref[k], atol=atol, rtol=0, err_msg=k)
 
 
 @pytest.mark.parametrize("pass_name", ["shape-inference", "identity-elimination", "constant-folding",
@@ -169,4 +170,4 @@ def test_default_pipeline_on_fixture_shrinks_and_matches(fixture_model):
     feeds, _ = split_reference(fixture_model)
     out = graphopt.optimize(model, verify=True)
     assert out.node_count() <= model.node_count()
-    _assert_same_outputs(model, out, feeds)
+    _assert_same_outputs(model, out, feeds, atol=1e-5)  # fused ops round differently
