@@ -37,8 +37,14 @@ def _is_inference_dropout(node: gs.Node) -> bool:
     return True
 
 
+def _single_input_variadic(node: gs.Node) -> bool:
+    """``Concat``/``Sum``/``Max``/``Min``/``Mean`` of one input copy it (TorchScript emits these)."""
+    return node.op in ("Concat", "Sum", "Max", "Min", "Mean") and (node.domain or "") in ("", "ai.onnx") \
+        and len(node.inputs) == 1 and len(node.outputs) == 1
+
+
 class IdentityElimination(Pass):
-    """Removes ``Identity`` nodes and ``Dropout`` in inference mode.
+    """Removes ``Identity`` nodes, ``Dropout`` in inference mode and single-input ``Concat``/``Sum``/…
 
     1. ``y = Identity(x)``: consumers of y read x.
     2. When y is a graph output, x is renamed to y so the interface keeps its name.
@@ -53,7 +59,7 @@ class IdentityElimination(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed = kept = 0
         for node in list(model.graph.nodes):
-            if node.op == "Identity" or _is_inference_dropout(node):
+            if node.op == "Identity" or _is_inference_dropout(node) or _single_input_variadic(node):
                 if not node.inputs or not node.outputs:
                     continue
                 if bypass(model.graph, node, node.inputs[0], node.outputs[0]):

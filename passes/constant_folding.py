@@ -6,7 +6,9 @@
    outputs become initializers — if each output is at most ``fold_max_bytes``
    (default 4 MiB) and no input exceeds ``fold_max_input_bytes`` (default 64 MiB,
    so weights are never materialised to fold, e.g., a transpose of the LM head).
-3. ``Shape``/``Size`` of a tensor whose shape is fully static fold to constants.
+3. ``Shape``/``Size`` of a tensor whose shape is fully static fold to constants, and so
+   does ``Gather(Shape(x), i)`` when the dims it picks are static (TorchScript exports
+   compute head sizes that way).
 
 Not folded: random ops, ops with subgraphs, ops in non-standard domains, nodes
 whose outputs are graph outputs, and results numpy cannot represent exactly
@@ -73,6 +75,9 @@ class ConstantFolding(Pass):
                 if self._fold_shape(node):
                     counts["shape_folded"] += 1
                     continue
+            if is_standard(node, "Gather") and self._fold_gathered_dims(node):
+                counts["shape_folded"] += 1
+                continue
             if not self._foldable(node):
                 continue
             if any(_const_nbytes(t) > max_in for t in node.inputs if t.name):
@@ -92,7 +97,7 @@ class ConstantFolding(Pass):
                 counts["skipped_too_large"] += 1
                 continue
             for out, value in zip(node.outputs, results):
-                out.to_constant(np.ascontiguousarray(value))
+                out.to_constant(np.array(value))  # a copy; keeps 0-d shapes (ascontiguousarray would not)
             node.outputs.clear()
             counts["folded"] += 1
         if any(counts[k] for k in ("folded", "shape_folded", "constant_nodes")):
@@ -146,6 +151,30 @@ class ConstantFolding(Pass):
             end = min(max(end + rank if end < 0 else end, 0), rank)
             value = np.array(shape[start:end], dtype=np.int64)
         node.outputs[0].to_constant(value)
+        node.outputs.clear()
+        return True
+
+    @staticmethod
+    def _fold_gathered_dims(node: gs.Node) -> bool:
+        """``Gather(Shape(x), i)`` where the gathered dims of x are static (the rest may not be)."""
+        data, idx = node.inputs[0], node.inputs[1]
+        shape_node = data.inputs[0] if len(data.inputs) == 1 else None
+        if shape_node is None or not is_standard(shape_node, "Shape") or not isinstance(idx, gs.Constant):
+            return False
+        dims = shape_node.inputs[0].shape
+        if dims is None:
+            return False
+        rank = len(dims)
+        start = int(shape_node.attrs.get("start", 0))
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = shape_node.attrs.get("end", rank)
+        end = min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
+        visible = list(dims[start:end])
+        picked = np.asarray(idx.values).astype(np.int64)
+        flat = [visible[int(i)] if -len(visible) <= int(i) < len(visible) else None for i in picked.reshape(-1)]
+        if any(not isinstance(d, (int, np.integer)) or d < 0 for d in flat):
+            return False
+        node.outputs[0].to_constant(np.array(flat, dtype=np.int64).reshape(picked.shape))
         node.outputs.clear()
         return True
 
