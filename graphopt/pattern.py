@@ -266,6 +266,20 @@ def escapes(match: Match, root: gs.Tensor, graph: gs.Graph, keep: tuple[gs.Tenso
             if id(out) in outputs:
                 return f"{_tname(out)} is a graph output"
             for consumer in out.outputs:
-                if id(consumer) not in inside:
+                if id(consumer) not in inside and not _feeds_only(consumer, inside, outputs):
                     return f"{_tname(out)} is also used by {consumer.op} {consumer.name!r}"
     return None
+
+
+def _feeds_only(node: gs.Node, inside: set[int], outputs: set[int], depth: int = 8) -> bool:
+    """Whether everything ``node`` computes is read only by the matched nodes (e.g. a Shape
+    of an intermediate that builds a reshape target inside the match): it dies with them."""
+    if depth == 0:
+        return False
+    for out in node.outputs:
+        if id(out) in outputs:
+            return False
+        for consumer in out.outputs:
+            if id(consumer) not in inside and not _feeds_only(consumer, inside, outputs, depth - 1):
+                return False
+    return True

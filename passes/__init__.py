@@ -4,6 +4,7 @@ passes through the ``graphopt_register_passes`` hook (shipped as ``graphopt.pass
 from __future__ import annotations
 
 from graphopt.hookspecs import hookimpl
+from graphopt.passes.attention import AttentionFuse
 from graphopt.passes.cleanup import DeadCodeElimination, IdentityElimination
 from graphopt.passes.constant_folding import ConstantFolding
 from graphopt.passes.dedupe import InitializerDedupe
@@ -11,7 +12,7 @@ from graphopt.passes.rmsnorm import RMSNormFuse
 from graphopt.passes.shape_inference import ShapeInference
 
 BUILTIN_PASSES = (ShapeInference, IdentityElimination, ConstantFolding, InitializerDedupe, RMSNormFuse,
-                  DeadCodeElimination)
+                  AttentionFuse, DeadCodeElimination)
 
 
 @hookimpl

@@ -1,0 +1,441 @@
+"""Transformer fuse: each decoder layer's attention becomes standard ``Attention`` (opset 23),
+its rotary embedding standard ``RotaryEmbedding`` (opset 23).
+
+The match starts at the attention output and walks up (structure and math, not names)::
+
+    Reshape(Transpose(MatMul(Softmax(scores), V*), [0,2,1,3]))        → Y  [B, S, H·D]
+    scores = [Add(] Mul(MatMul(Q*, Transpose(K*, [0,1,3,2])), scale) [, mask)]   (or Div by √d)
+    Q* = rotary(Transpose(Reshape(q, [B,S,H,D]), [0,2,1,3]))          rotary optional
+    K* = repeat_kv(Concat(past_key, rotary(heads(k)), axis=-2))       repeat and cache optional
+    V* = repeat_kv(Concat(past_value, heads(v), axis=-2))
+    rotary(t) = t·cos + Concat(-t[..., D/2:], t[..., :D/2])·sin       (rotate-half, non-interleaved)
+    repeat_kv(t) = Reshape(Expand(Unsqueeze(t, 2), …), [B, H, T, D])  (grouped-query attention)
+
+and becomes, with 3-D inputs so the head reshapes and transposes disappear::
+
+    q' = RotaryEmbedding(q, cos_half, sin_half, num_heads=H)
+    k' = RotaryEmbedding(k, cos_half, sin_half, num_heads=Hkv)
+    Y, present_key, present_value = Attention(q', k', v, mask, past_key, past_value,
+                                              q_num_heads=H, kv_num_heads=Hkv, scale=s)
+
+The additive mask the exporter built (causal and padding together, left padding
+included) is passed through unchanged, so the fused op computes exactly what the
+export did. ``cos_half``/``sin_half`` are the first halves of the exporter's own
+``[B, S, D]`` cos/sin tensors (one Slice each, shared by all layers); the pass
+checks they really are ``cos(Concat(f, f))`` so the halves are equal.
+
+Not fused (each with a reason under ``--explain``): interleaved or partial rotary,
+softcapping, scores scaled on Q and K separately, head sizes unknown after shape
+inference, intermediates used outside the block, a target without Attention or
+RotaryEmbedding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt._ir import Model
+from graphopt._opset import ensure_opset
+from graphopt._pipeline import Pass, PassContext, PassResult
+from graphopt.pattern import Any, Const, Match, Op, OneOf, Wrapped, const_value, escapes, find, producer
+from graphopt.rewrite import fuse, remove_dead, unique_name
+
+OPSET = 23
+
+
+def _perm(expected):
+    return lambda p: p is not None and list(p) == expected
+
+
+def _axis_last(a) -> bool:
+    return a in (-1, 3)
+
+
+# ------------------------------------------------------------------ patterns
+def _attention_pattern():
+    qk = Op("MatMul", Wrapped(Any("q_rot")), Op("Transpose", Wrapped(Any("k_rep")), perm=_perm([0, 1, 3, 2])),
+            name="qk")
+    scaled = OneOf(Op("Mul", Wrapped(qk), Const("scale", scalar=True)),
+                   Op("Div", Wrapped(qk), Const("divisor", scalar=True)))
+    scores = OneOf(Op("Add", Wrapped(scaled), Any("mask")), scaled)
+    probs = Op("Softmax", Wrapped(scores), axis=_axis_last, name="softmax")
+    pv = Op("MatMul", Wrapped(probs), Wrapped(Any("v_rep")))
+    return Op("Reshape", Op("Transpose", pv, perm=_perm([0, 2, 1, 3])), Any("out_shape"))
+
+
+ATTENTION = _attention_pattern()
+HEADS = Op("Transpose", Op("Reshape", Any("x3"), Any("shape")), perm=_perm([0, 2, 1, 3]))
+ROTARY = Op("Add",
+            Op("Mul", Any("x"), Any("cos")),
+            Op("Mul", Op("Concat", Op("Neg", Op("Slice", Any("x"), Any(), Any(), Any(), extra_inputs=True, name="hi")),
+                         Op("Slice", Any("x"), Any(), Any(), Any(), extra_inputs=True, name="lo"), axis=_axis_last),
+               Any("sin")))
+REPEAT_KV = Op("Reshape", Op("Expand", Op("Unsqueeze", Any("kv"), extra_inputs=True, name="unsq"), Any()), Any())
+KV_CACHE = Op("Concat", Any("past"), Any("cur"), axis=lambda a: a in (-2, 2))
+
+
+class Reject(Exception):
+    """A candidate that is attention but cannot be fused; the message says why."""
+
+
+def _sub(pattern, t: gs.Tensor) -> Match | None:
+    m, _ = find(pattern, t)
+    return m
+
+
+def _ints(t: gs.Tensor) -> list[int] | None:
+    v = const_value(t)
+    return None if v is None else [int(x) for x in v.reshape(-1)]
+
+
+def _partial_ints(t: gs.Tensor) -> list[int | None] | None:
+    """A 1-D int tensor's elements where known: a constant, or a Concat of pieces some of
+    which are constant (TorchScript builds reshape targets from Shape/Gather/Unsqueeze)."""
+    whole = _ints(t)
+    if whole is not None:
+        return whole
+    node = producer(t)
+    if node is None or node.op != "Concat":
+        return None
+    out: list[int | None] = []
+    for piece in node.inputs:
+        v = _ints(piece)
+        if v is not None:
+            out.extend(v)
+        elif piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
+            out.extend([None] * piece.shape[0])
+        else:
+            return None
+    return out
+
+
+def _slice_bounds(node: gs.Node, dim: int) -> tuple[int, int]:
+    starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
+    axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else [0]
+    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else [1]
+    if None in (starts, ends, axes, steps) or len(starts) != 1:
+        raise Reject("rotary slice bounds are not constant")
+    if axes[0] not in (-1, 3) or steps[0] != 1:
+        raise Reject("rotary slices are not along the last axis")
+    return min(starts[0], dim), min(ends[0], dim)
+
+
+def _halves_equal(t: gs.Tensor, op: str) -> gs.Tensor | None:
+    """If ``t`` is (casts / scalar multiples of) ``op(Concat(f, f))``, return ``t`` (a [B, S, D] table)."""
+    cur = t
+    for _ in range(6):
+        node = producer(cur)
+        if node is None:
+            return None
+        if node.op == op:
+            cat = producer(node.inputs[0])
+            if cat is not None and cat.op == "Concat" and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]:
+                return t
+            return None
+        if node.op == "Cast" or (node.op == "Mul" and any(const_value(i) is not None and
+                                                          const_value(i).size == 1 for i in node.inputs)):
+            cur = next(i for i in node.inputs if const_value(i) is None) if node.op == "Mul" else node.inputs[0]
+            continue
+        return None
+    return None
+
+
+class _Layer:
+    """Everything resolved about one attention block."""
+
+    def __init__(self):
+        self.nodes: list[gs.Node] = []
+        self.present_k = self.present_v = self.past_k = self.past_v = None
+        self.cos = self.sin = None
+        self.rule_parts: list[str] = []
+
+
+class AttentionFuse(Pass):
+    name = "attention-fuse"
+    summary = "fuse each attention block into standard Attention + RotaryEmbedding (opset 23)"
+    after = ("shape-inference", "constant-folding", "identity-elimination", "cast-cleanup", "rmsnorm-fuse")
+    before = ("dead-code-elimination",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        target = ctx.target
+        if target is not None:
+            missing = [op for op in ("Attention", "RotaryEmbedding") if not target.supports_op(op, "", OPSET)]
+            if missing:
+                ctx.notes.append(f"attention-fuse: target {target.name} does not support {', '.join(missing)}; "
+                                 "skipped")
+                return PassResult(False, {"skipped_target": 1})
+        if not self._scan(model, ctx, rewrite=False):
+            if ctx.explain:
+                self._scan(model, ctx, rewrite=True)  # no candidate: collect the reasons only
+            return PassResult(False, {"fused": 0})
+        reason = ensure_opset(model, OPSET)
+        if reason:
+            ctx.notes.append(f"attention-fuse: {reason}; nothing fused")
+            return PassResult(False, {"fused": 0, "opset_upgrade_failed": 1})
+        counts = self._scan(model, ctx, rewrite=True)
+        remove_dead(model.graph)
+        return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})
+
+    # -------------------------------------------------------------- scanning
+    def _scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:
+        graph = model.graph
+        graph.toposort()
+        counts: dict[str, int] = {}
+        halves: dict[int, gs.Tensor] = {}
+        for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
+            root = self._root_of(softmax)
+            if root is None:
+                if ctx.explain and rewrite:
+                    ctx.notes.append(f"attention-fuse: Softmax {softmax.name!r} not fused: its output does not reach "
+                                     "Reshape(Transpose(MatMul(probs, V)))")
+                continue
+            m, why = find(ATTENTION, root)
+            try:
+                if m is None:
+                    raise Reject(why)
+                layer = self._resolve(m, graph)
+            except Reject as e:
+                if ctx.explain and rewrite:
+                    ctx.notes.append(f"attention-fuse: Softmax {softmax.name!r} not fused: {e}")
+                continue
+            rule = "attention" + "".join(f"-{p}" for p in layer.rule_parts)
+            counts[rule] = counts.get(rule, 0) + 1
+            if not rewrite:
+                return counts
+            self._rewrite(graph, m, root, layer, rule, halves)
+        return counts
+
+    @staticmethod
+    def _root_of(softmax: gs.Node) -> gs.Tensor | None:
+        """Follow Softmax → (casts) → MatMul → Transpose → Reshape downstream."""
+        t = softmax.outputs[0]
+        for _ in range(4):
+            users = t.outputs
+            if len(users) != 1:
+                return None
+            if users[0].op in ("Cast", "Identity"):
+                t = users[0].outputs[0]
+                continue
+            break
+        for op in ("MatMul", "Transpose", "Reshape"):
+            users = t.outputs
+            if len(users) != 1 or users[0].op != op:
+                return None
+            t = users[0].outputs[0]
+        return t
+
+    def _resolve(self, m: Match, graph: gs.Graph) -> _Layer:
+        layer = _Layer()
+        layer.nodes = list(m.nodes)
+        q3, h, d = self._side(m["q_rot"], layer, "q", graph)
+        k3, hkv, dk = self._side(m["k_rep"], layer, "k", graph)
+        v3, hv, dv = self._side(m["v_rep"], layer, "v", graph)
+        if not (d == dk == dv) or hkv != hv:
+            raise Reject(f"inconsistent head sizes q {h}x{d}, k {hkv}x{dk}, v {hv}x{dv}")
+        if h % hkv:
+            raise Reject(f"{h} query heads are not a multiple of {hkv} KV heads")
+        layer.q3, layer.k3, layer.v3, layer.h, layer.hkv, layer.d = q3, k3, v3, h, hkv, d
+        if "scale.value" in m.bindings:
+            layer.scale = float(m["scale.value"].reshape(-1)[0])
+        else:
+            layer.scale = 1.0 / float(m["divisor.value"].reshape(-1)[0])
+        layer.mask = m.get("mask")
+        if layer.mask is not None:
+            if layer.mask.dtype is not None and np.dtype(layer.mask.dtype).kind != "f":
+                raise Reject("the attention mask is not additive (float)")
+            shape = layer.mask.shape
+            if shape is not None and len(shape) != 4:
+                raise Reject(f"mask of rank {len(shape)}, expected 4")
+        out = m.bindings.get("out_shape")
+        root_shape = None
+        for n in m.nodes:
+            if n.op == "Reshape" and n.inputs[1] is out:
+                root_shape = n.outputs[0].shape
+        if root_shape is not None and isinstance(root_shape[-1], int) and root_shape[-1] != h * d:
+            raise Reject(f"output reshaped to {root_shape[-1]} features, expected {h}·{d}")
+        if (layer.cos is None) != (layer.sin is None):
+            raise Reject("rotary on only one of cos/sin")
+        if "rotary-q" in layer.rule_parts and "rotary-k" not in layer.rule_parts or \
+                "rotary-k" in layer.rule_parts and "rotary-q" not in layer.rule_parts:
+            raise Reject("rotary embedding applied to only one of Q and K")
+        layer.rule_parts = [p for p in layer.rule_parts if p not in ("rotary-q", "rotary-k")]
+        if layer.cos is not None:
+            layer.rule_parts.insert(0, "rotary")
+        keep = tuple(t for t in (layer.present_k, layer.present_v) if t is not None)
+        root = next(n for n in m.nodes if n.op == "Reshape" and n.inputs[1] is out).outputs[0]
+        reason = escapes(_as_match(layer.nodes), root, graph, keep=keep)
+        if reason:
+            raise Reject(reason)
+        return layer
+
+    def _side(self, t: gs.Tensor, layer: _Layer, which: str, graph: gs.Graph) -> tuple[gs.Tensor, int, int]:
+        """Peel repeat_kv, the KV cache and rotary off one of Q/K/V; return (x3, heads, head_dim)."""
+        if which in ("k", "v"):
+            rep = _sub(REPEAT_KV, t)
+            if rep is not None:
+                unsq = rep["unsq"]
+                axes = unsq.attrs.get("axes")
+                if axes is None and len(unsq.inputs) > 1:
+                    axes = _ints(unsq.inputs[1])
+                if list(axes or []) != [2]:
+                    raise Reject("KV heads are repeated along an unexpected axis")
+                layer.nodes += rep.nodes
+                t = rep["kv"]
+                if "gqa" not in layer.rule_parts:
+                    layer.rule_parts.append("gqa")
+            cache = _sub(KV_CACHE, t)
+            if cache is not None:
+                past = cache["past"]
+                if not any(past is i for i in graph.inputs):
+                    raise Reject("the KV cache is not concatenated onto a graph input")
+                if which == "k":
+                    layer.past_k, layer.present_k = past, t
+                else:
+                    layer.past_v, layer.present_v = past, t
+                layer.nodes += cache.nodes
+                t = cache["cur"]
+                if "kvcache" not in layer.rule_parts:
+                    layer.rule_parts.append("kvcache")
+        if which in ("q", "k"):
+            rot = _sub(ROTARY, t)
+            if rot is not None:
+                self._check_rotary(rot, layer, which)
+                layer.nodes += rot.nodes
+                t = rot["x"]
+        heads = _sub(HEADS, t)
+        if heads is None:
+            raise Reject(f"{which.upper()} is not a [B,S,H·D] projection split into heads")
+        layer.nodes += heads.nodes
+        x3 = heads["x3"]
+        shape4 = list(t.shape) if t.shape is not None and len(t.shape) == 4 else [None] * 4
+        target = _partial_ints(heads["shape"]) or [None] * 4
+        if len(target) != 4:
+            raise Reject(f"{which.upper()} is reshaped to rank {len(target)}, expected 4")
+
+        def known(*candidates):
+            return next((int(c) for c in candidates if isinstance(c, (int, np.integer)) and c > 0), None)
+
+        d = known(shape4[3], target[3])
+        features = x3.shape[-1] if x3.shape is not None and len(x3.shape) == 3 else None
+        h = known(shape4[1], target[2], features // d if isinstance(features, int) and d else None)
+        if h is None or d is None:
+            raise Reject(f"head count and size of {which.upper()} are unknown (run shape-inference first)")
+        if isinstance(features, int) and features != h * d:
+            raise Reject(f"{which.upper()} has {features} features, not {h} heads of {d}")
+        return x3, h, d
+
+    def _check_rotary(self, rot: Match, layer: _Layer, which: str) -> None:
+        x = rot["x"]
+        d = x.shape[-1] if x.shape is not None else None
+        if not isinstance(d, int):
+            raise Reject("rotary over a head size that is unknown")
+        lo, hi = _slice_bounds(rot["lo"], d), _slice_bounds(rot["hi"], d)
+        if lo != (0, d // 2) or hi != (d // 2, d):
+            raise Reject(f"rotary halves {lo}/{hi} are not rotate-half over the full head ({d}); partial or "
+                         "interleaved rotary is not fused")
+        cos, sin = rot["cos"], rot["sin"]
+        for table, op in ((cos, "Cos"), (sin, "Sin")):
+            _table3(table, op)  # rejects tables whose halves cannot be shown equal
+        if layer.cos is None:
+            layer.cos, layer.sin = cos, sin
+        elif layer.cos is not cos or layer.sin is not sin:
+            raise Reject("Q and K use different cos/sin tables")
+        layer.rule_parts.append(f"rotary-{which}")
+    # --------------------------------------------------------------- rewrite
+    def _rewrite(self, graph: gs.Graph, m: Match, root: gs.Tensor, layer: _Layer, rule: str,
+                 halves: dict) -> None:
+        q, k, v = layer.q3, layer.k3, layer.v3
+        if layer.cos is not None:
+            cos_half = self._half_table(graph, layer.cos, "Cos", layer.d, halves)
+            sin_half = self._half_table(graph, layer.sin, "Sin", layer.d, halves)
+            q = self._rotary(graph, q, cos_half, sin_half, layer.h)
+            k = self._rotary(graph, k, cos_half, sin_half, layer.hkv)
+        empty = gs.Variable.empty
+        mask = self._clamped(graph, layer.mask, halves) if layer.mask is not None else empty()
+        inputs = [q, k, v, mask]
+        outputs = [root]
+        if layer.past_k is not None and layer.past_v is not None:
+            inputs += [layer.past_k, layer.past_v]
+            outputs += [layer.present_k, layer.present_v]
+        while inputs and not inputs[-1].name:
+            inputs.pop()
+        node = gs.Node("Attention", unique_name(graph, f"Attention_{root.name}"),
+                       attrs={"q_num_heads": layer.h, "kv_num_heads": layer.hkv, "scale": layer.scale},
+                       inputs=inputs)
+        fuse(graph, outputs, node, rule, replaced=layer.nodes)
+
+    @staticmethod
+    def _clamped(graph: gs.Graph, mask: gs.Tensor, cache: dict[int, gs.Tensor]) -> gs.Tensor:
+        """``Max(mask, -1e30)``, once per mask tensor.
+
+        Exporters fill masked positions with the dtype's lowest value. For a query row with
+        every key masked (the padding of a left-padded batch) the unfused graph then gives
+        uniform attention (scores vanish next to -3.4e38), and so does the Attention spec,
+        but onnxruntime's Attention kernel reads the lowest float as -inf and returns zeros.
+        -1e30 is just as absolute a mask (exp underflows to 0 and scores still vanish next
+        to it) without that ambiguity, so the fused graph computes what the export did in
+        every runtime."""
+        key = ("clamp", id(mask))
+        if key in cache:
+            return cache[key]
+        dtype = np.dtype(mask.dtype) if mask.dtype is not None else np.dtype(np.float32)
+        floor = gs.Constant(unique_name(graph, f"{mask.name}_floor"), np.array(-1e30 if dtype.itemsize >= 4
+                                                                                  else -6e4, dtype=dtype))
+        out = gs.Variable(unique_name(graph, f"{mask.name}_clamped"), mask.dtype, mask.shape)
+        graph.nodes.append(gs.Node("Max", unique_name(graph, f"Max_{mask.name}"), inputs=[mask, floor], outputs=[out]))
+        cache[key] = out
+        return out
+
+    @staticmethod
+    def _rotary(graph: gs.Graph, x3: gs.Tensor, cos: gs.Tensor, sin: gs.Tensor, heads: int) -> gs.Tensor:
+        out = gs.Variable(unique_name(graph, f"{x3.name}_rotary"), x3.dtype, x3.shape)
+        node = gs.Node("RotaryEmbedding", unique_name(graph, f"RotaryEmbedding_{x3.name}"),
+                       attrs={"num_heads": heads}, inputs=[x3, cos, sin], outputs=[out])
+        node.meta = {"graphopt.rule": "rotary-rotate-half"}
+        graph.nodes.append(node)
+        return out
+
+    @staticmethod
+    def _half_table(graph: gs.Graph, table4: gs.Tensor, op: str, d: int, cache: dict[int, gs.Tensor]) -> gs.Tensor:
+        """[B, S, D/2] from the exporter's [B, 1, S, D] cos/sin (Unsqueeze of a [B, S, D] table)."""
+        key = id(table4)
+        if key in cache:
+            return cache[key]
+        table3 = _table3(table4, op)
+        consts = [gs.Constant(unique_name(graph, f"{table3.name}_half_{n}"), np.array(v, np.int64))
+                  for n, v in (("start", [0]), ("end", [d // 2]), ("axis", [-1]))]
+        shape = list(table3.shape) if table3.shape is not None else None
+        if shape:
+            shape[-1] = d // 2
+        half = gs.Variable(unique_name(graph, f"{table3.name}_half"), table3.dtype, shape)
+        graph.nodes.append(gs.Node("Slice", unique_name(graph, f"Slice_{table3.name}_half"),
+                                   inputs=[table3, *consts], outputs=[half]))
+        cache[key] = half
+        return half
+
+
+def _table3(table4: gs.Tensor, op: str) -> gs.Tensor:
+    """The [B, S, D] cos/sin table under the exporter's Unsqueeze(·, 1), checked to be
+    ``op(Concat(f, f))`` (equal halves) so its first half is the standard half-size cache."""
+    unsq = producer(table4)
+    if unsq is None or unsq.op != "Unsqueeze":
+        raise Reject(f"the {op.lower()} table is not Unsqueeze([B, S, D], 1)")
+    axes = unsq.attrs.get("axes")
+    if axes is None and len(unsq.inputs) > 1:
+        axes = _ints(unsq.inputs[1])
+    if list(axes or []) != [1]:
+        raise Reject(f"the {op.lower()} table is unsqueezed on axes {axes}, expected [1]")
+    table3 = unsq.inputs[0]
+    if _halves_equal(table3, op) is None:
+        raise Reject(f"cannot prove the two halves of the {op.lower()} table are equal")
+    return table3
+
+
+def _as_match(nodes: list[gs.Node]) -> Match:
+    seen, unique = set(), []
+    for n in nodes:
+        if id(n) not in seen:
+            seen.add(id(n))
+            unique.append(n)
+    return Match({}, unique)
