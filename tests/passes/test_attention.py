@@ -1,0 +1,188 @@
+"""attention-fuse on every fixture (both exporters, prefill and decode, left-padded batches),
+hand-built variants, and the reasons candidates are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from conftest import FIXTURES, run_ort, split_reference
+from graphopt._evaluate import generate
+from graphopt.rewrite import fused_by
+
+
+def _layers(model: graphopt.Model) -> int:
+    return sum(1 for n in model.graph.nodes if n.op == "Softmax")
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = graphopt.optimize(graphopt.load(path), target="onnxruntime", verify=True)
+        return cache[path]
+    return get
+
+
+def test_fixture_fully_fused_and_equal_to_unfused(fixture_model, optimized):
+    model = graphopt.load(fixture_model)
+    out = optimized(fixture_model)
+    layers = _layers(model)
+    ops = out.op_histogram()
+    assert ops["Attention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["RMSNormalization"] == 2 * layers + 1
+    assert "Softmax" not in ops
+    assert out.node_count() <= 0.5 * model.node_count(), (model.node_count(), out.node_count())
+    rules = {fused_by(n) for n in out.graph.nodes if n.op == "Attention"}
+    assert rules == {"attention-rotary-gqa-kvcache" if "decode" in fixture_model.name else "attention-rotary-gqa"}
+    feeds, expected = split_reference(fixture_model)
+    assert feeds["attention_mask"][1, 0] == 0  # the reference batch is left-padded
+    unfused, fused = run_ort(model, feeds), run_ort(out, feeds)
+    for name in unfused:
+        np.testing.assert_allclose(fused[name], unfused[name], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(fused[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_fixture_on_cpu_backend_equals_unfused(fixture_model, optimized):
+    cpu = graphopt.get_backend("cpu")
+    if not cpu.supports_op("Attention", "", 23):
+        pytest.skip("the cpu backend does not declare Attention yet")
+    model, out = graphopt.load(fixture_model), optimized(fixture_model)
+    feeds, _ = split_reference(fixture_model)
+    unfused = graphopt.compile(model, "cpu").run(feeds)
+    fused = graphopt.compile(out, "cpu").run(feeds)
+    for name in unfused:
+        np.testing.assert_allclose(fused[name], unfused[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["qwen2-dynamo-decode", "llama-torchscript-decode"])
+def test_greedy_tokens_identical_after_fusion(name, optimized, tmp_path):
+    out = optimized(FIXTURES / f"{name}.onnx")
+    ref = np.load(FIXTURES / f"{name.split('-')[0]}-greedy.npz")
+    target = "cpu" if graphopt.get_backend("cpu").supports_op("Attention", "", 23) else "onnxruntime"
+    assert generate(out, ref["prompt_ids"].tolist(), 32, target) == ref["tokens"].tolist()
+
+
+def test_target_without_attention_is_respected():
+    class NoAttention(graphopt.Backend):
+        name = "no-attention"
+
+        def ops(self):
+            return [graphopt.OpSupport("RMSNormalization", since=23), graphopt.OpSupport("MatMul")]
+
+    out = graphopt.optimize(graphopt.load(FIXTURES / "qwen2-dynamo-decode.onnx"), target=NoAttention(),
+                            explain=True)
+    ops = out.op_histogram()
+    assert "Attention" not in ops and ops["Softmax"] == 2 and ops["RMSNormalization"] == 5
+    stats = {s.name: s for s in out.history}
+    assert stats["attention-fuse"].counters == {"skipped_target": 1}
+    assert any("does not support Attention, RotaryEmbedding" in n for n in out.notes)
+
+
+# ----------------------------------------------------------- hand-built graphs
+B, S, H, HKV, D = 2, 3, 4, 2, 8
+
+
+def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True):
+    """A small attention block with the dynamo exporter's structure (no cache, GQA)."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "wq": rng.standard_normal((16, H * D)).astype(np.float32) * 0.3,
+        "wk": rng.standard_normal((16, HKV * D)).astype(np.float32) * 0.3,
+        "wv": rng.standard_normal((16, HKV * D)).astype(np.float32) * 0.3,
+        "shape_q": np.array([B, S, H, D], np.int64), "shape_kv": np.array([B, S, HKV, D], np.int64),
+        "rep_shape": np.array([B, HKV, H // HKV, S, D], np.int64), "kv_heads": np.array([B, H, S, D], np.int64),
+        "out_shape": np.array([B, S, H * D], np.int64), "scale": np.array(D ** -0.5, np.float32),
+        "ax1": np.array([1], np.int64), "ax2": np.array([2], np.int64), "ax_last": np.array([-1], np.int64),
+        "zero": np.array([0], np.int64), "half": np.array([rotary_halves[0]], np.int64),
+        "end": np.array([rotary_halves[1]], np.int64), "one": np.array([1], np.int64),
+        "inv_freq": (1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32),
+    }
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q3"]), n("MatMul", ["x", "wk"], ["k3"]), n("MatMul", ["x", "wv"], ["v3"]),
+        n("Reshape", ["q3", "shape_q"], ["q_r"]), n("Transpose", ["q_r"], ["q4"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["k3", "shape_kv"], ["k_r"]), n("Transpose", ["k_r"], ["k4"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["v3", "shape_kv"], ["v_r"]), n("Transpose", ["v_r"], ["v4"], perm=[0, 2, 1, 3]),
+        # rotary tables from position ids: [B, S, D] with equal halves, unsqueezed on the head axis
+        n("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT), n("Unsqueeze", ["posf", "ax_last"], ["pos3"]),
+        n("Mul", ["pos3", "inv_freq"], ["freqs"]), n("Concat", ["freqs", "freqs"], ["emb"], axis=-1),
+        n("Cos", ["emb"], ["cos3"]), n("Sin", ["emb"], ["sin3"]),
+        n("Unsqueeze", ["cos3", "ax1"], ["cos"]), n("Unsqueeze", ["sin3", "ax1"], ["sin"]),
+    ]
+    for t in ("q", "k"):
+        nodes += [
+            n("Slice", [f"{t}4", "zero", "half", "ax_last", "one"], [f"{t}_lo"]),
+            n("Slice", [f"{t}4", "half", "end", "ax_last", "one"], [f"{t}_hi"]),
+            n("Neg", [f"{t}_hi"], [f"{t}_nhi"]), n("Concat", [f"{t}_nhi", f"{t}_lo"], [f"{t}_rot"], axis=-1),
+            n("Mul", [f"{t}4", "cos"], [f"{t}_c"]), n("Mul", [f"{t}_rot", "sin"], [f"{t}_s"]),
+            n("Add", [f"{t}_c", f"{t}_s"], [f"{t}_emb"]),
+        ]
+    for t in ("k", "v"):
+        src = "k_emb" if t == "k" else "v4"
+        nodes += [n("Unsqueeze", [src, "ax2"], [f"{t}_u"]), n("Expand", [f"{t}_u", "rep_shape"], [f"{t}_x"]),
+                  n("Reshape", [f"{t}_x", "kv_heads"], [f"{t}_rep"])]
+    nodes += [n("Transpose", ["k_rep"], ["kT"], perm=[0, 1, 3, 2]), n("MatMul", ["q_emb", "kT"], ["qk"])]
+    if scale_op == "Mul":
+        nodes.append(n("Mul", ["qk", "scale"], ["scaled"]))
+    else:
+        inits["scale"] = np.array(D ** 0.5, np.float32)
+        nodes.append(n("Div", ["qk", "scale"], ["scaled"]))
+    if mask:
+        nodes.append(n("Add", ["scaled", "mask"], ["scores"]))
+    nodes += [n("Softmax", ["scores" if mask else "scaled"], ["probs"], axis=-1),
+              n("MatMul", ["probs", "v_rep"], ["ctx4"]),
+              n("Transpose", ["ctx4"], ["ctx_t"], perm=[0, 2, 1, 3]), n("Reshape", ["ctx_t", "out_shape"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, H * D])]
+    if escape:
+        outputs.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, [B, H, S, S]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, 16]),
+              helper.make_tensor_value_info("pos", TensorProto.INT64, [B, S])]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [B, 1, S, S]))
+    g = helper.make_graph(nodes, "attn", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(proto)
+    return graphopt.Model.from_proto(proto)
+
+
+def _feeds(mask=True):
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((B, S, 16)).astype(np.float32),
+             "pos": np.array([[0, 1, 2], [0, 0, 1]], np.int64)}
+    if mask:
+        m = np.triu(np.full((S, S), np.finfo(np.float32).min, np.float32), 1)[None, None].repeat(B, 0)
+        m[1, :, :, 0] = np.finfo(np.float32).min  # left padding: the first query of row 1 sees nothing
+        feeds["mask"] = m
+    return feeds
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scale_op="Div"), dict(mask=False)], ids=["mul-scale", "div-scale",
+                                                                                            "no-mask"])
+def test_hand_built_variants(variant):
+    model = _mha(**variant)
+    out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse",
+                                                                 "dead-code-elimination"], verify=True)
+    ops = out.op_histogram()
+    assert ops["Attention"] == 1 and ops["RotaryEmbedding"] == 2, dict(ops)
+    att = next(n for n in out.graph.nodes if n.op == "Attention")
+    assert (att.attrs["q_num_heads"], att.attrs["kv_num_heads"]) == (H, HKV)
+    assert att.attrs["scale"] == pytest.approx(D ** -0.5)
+    feeds = _feeds(mask=variant.get("mask", True))
+    np.testing.assert_allclose(run_ort(out, feeds)["y"], run_ort(model, feeds)["y"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    (dict(rotary_halves=(2, D)), "are not rotate-half over the full head"),
+    (dict(escape=True), "'probs' is a graph output"),
+], ids=["partial-rotary", "escaping-probs"])
+def test_refused_with_reason(variant, reason):
+    model = _mha(**variant)
+    out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse"], explain=True)
+    assert "Attention" not in out.op_histogram()
+    assert any(reason in n for n in out.notes), out.notes
