@@ -10,7 +10,8 @@
    does ``Gather(Shape(x), i)`` when the dims it picks are static (TorchScript exports
    compute head sizes that way).
 
-Not folded: random ops, ops with subgraphs, ops in non-standard domains, nodes
+Not folded: a result about as large as a weight that other nodes also read (folding
+``Transpose(W)`` of a tied embedding would store it twice), random ops, ops with subgraphs, ops in non-standard domains, nodes
 whose outputs are graph outputs, and results numpy cannot represent exactly
 (bfloat16, float8, 4-bit).
 """
@@ -63,7 +64,8 @@ class ConstantFolding(Pass):
         graph = model.graph
         graph.toposort()
         outputs = {id(t) for t in graph.outputs}
-        counts = {"folded": 0, "shape_folded": 0, "constant_nodes": 0, "skipped_too_large": 0, "failed": 0}
+        counts = {"folded": 0, "shape_folded": 0, "constant_nodes": 0, "skipped_too_large": 0, "skipped_shared": 0,
+                  "failed": 0}
         for node in list(graph.nodes):
             if not node.outputs or any(id(t) in outputs for t in node.outputs):
                 continue
@@ -96,6 +98,9 @@ class ConstantFolding(Pass):
             if any(r.nbytes > max_bytes for r in results):
                 counts["skipped_too_large"] += 1
                 continue
+            if self._duplicates_shared_weight(node, results):
+                counts["skipped_shared"] += 1
+                continue
             for out, value in zip(node.outputs, results):
                 out.to_constant(np.array(value))  # a copy; keeps 0-d shapes (ascontiguousarray would not)
             node.outputs.clear()
@@ -104,6 +109,16 @@ class ConstantFolding(Pass):
             remove_dead(graph)
             return PassResult(True, counts)
         return PassResult(False, counts)
+
+    @staticmethod
+    def _duplicates_shared_weight(node: gs.Node, results: list[np.ndarray]) -> bool:
+        """Folding ``Transpose(W)`` (or a Cast, Reshape…) of a weight that other nodes also read
+        would store it twice — the tied LM head of a dynamo export is exactly that."""
+        size = max((r.nbytes for r in results), default=0)
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and len(t.outputs) > 1 and size >= _const_nbytes(t) // 2 >= 1024:
+                return True
+        return False
 
     @staticmethod
     def _foldable(node: gs.Node) -> bool:
