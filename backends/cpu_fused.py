@@ -27,6 +27,7 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt._backend import op_version
 from graphopt._ir import Model
@@ -91,6 +92,7 @@ def _layer_norm(n: KNode) -> Kernel:
 def _rms_norm(n: KNode) -> Kernel:
     axis, eps = int(n.attr("axis", -1)), float(n.attr("epsilon", 1e-5))
     stash = _np_dtype(n.attr("stash_type", 1))
+    # Y has the type of Scale (V in the schema), which is usually X's
     out_dtype = n.output_dtypes[0] if n.output_dtypes and n.output_dtypes[0] is not None else None
 
     def run(x, scale):
@@ -101,7 +103,7 @@ def _rms_norm(n: KNode) -> Kernel:
         inv = 1.0 / np.sqrt(np.mean(xc * xc, axis=red, keepdims=True) + cd.type(eps))
         y = xc * inv
         y *= scale.astype(cd, copy=False)
-        return y.astype(out_dtype or x.dtype, copy=False)
+        return y.astype(out_dtype or scale.dtype, copy=False)
     return run
 
 
@@ -315,7 +317,7 @@ def _dtype_name(dtype) -> str | None:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype))).name
         return np.dtype(dtype).name
     except (TypeError, KeyError, ValueError):
-        return str(dtype)
+        return _type_name(dtype) if isinstance(dtype, (int, np.integer)) else str(dtype)
 
 
 def _dq_check(node: gs.Node, model) -> str | None:
@@ -416,18 +418,6 @@ def _dequantize_linear(n: KNode) -> Kernel:
 DEQUANT_CHUNK_BYTES = 8 * 2**20
 
 
-def _nibble_table(signed: bool) -> np.ndarray:
-    """(256, 2) float32: the two 4-bit values (low nibble first) of every byte."""
-    b = np.arange(256)
-    pair = np.stack([b & 0xF, b >> 4], axis=1)
-    if signed:
-        pair = (pair ^ 8) - 8
-    return pair.astype(F32)
-
-
-_NIBBLES = {True: _nibble_table(True), False: _nibble_table(False)}
-
-
 def _pack4(w: np.ndarray) -> np.ndarray:
     """(K, N) 4-bit values -> (K, ceil(N/2)) uint8, column 2j in the low nibble of byte j."""
     wi = _as_int(w).astype(np.uint8) & 0xF
@@ -446,25 +436,30 @@ class _QuantWeight:
         """float32 values of rows ``rows`` (slice or index array), columns c0:c1, before scale/zero point."""
         if self.bits == 4:  # packed; c0 is even
             packed = wq[rows, c0 // 2:(c1 + 1) // 2]
-            vals = _NIBBLES[self.signed][packed]  # (r, nb, 2)
-            vals = vals.reshape(vals.shape[0], -1)
-            return vals[:, :c1 - c0] if vals.shape[1] != c1 - c0 else vals
+            vals = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
+            np.bitwise_and(packed, 0xF, out=vals[:, 0::2])
+            np.right_shift(packed, 4, out=vals[:, 1::2])
+            if self.signed:  # two's complement nibble -> int8
+                vals ^= 8
+                vals = vals.view(np.int8)
+                vals -= 8
+            return vals[:, :c1 - c0].astype(F32)
         return _as_int(wq[rows, c0:c1]).astype(F32)
 
     def apply(self, w: np.ndarray, scale: np.ndarray, zp, rows, c0: int, c1: int) -> np.ndarray:
         """(w - zp) * scale in place for the slice (rows, c0:c1); ``rows`` is a slice or int array."""
-        def param(p):
-            p = _as_f32(p)
+        def param(p):  # slice first, then convert: never a float copy of the whole parameter
+            p = np.asarray(p)
             if p.size == 1:  # per-tensor
-                return p.reshape(())
+                return _as_f32(p).reshape(())
             if self.block <= 0:  # per-axis
-                return p[rows][:, None] if self.axis == 0 else p[c0:c1][None, :]
+                return _as_f32(p[rows])[:, None] if self.axis == 0 else _as_f32(p[c0:c1])[None, :]
             if self.axis == 0:  # blocks along rows
-                if isinstance(rows, slice):  # all rows: handled by the blocked view below
-                    return p[:, c0:c1]
-                return p[rows // self.block, c0:c1]
-            blk = p[rows, c0 // self.block:-(-c1 // self.block)]  # blocks along columns; c0 % block == 0
-            return np.repeat(blk, self.block, axis=1)[:, :c1 - c0]
+                if isinstance(rows, slice):  # all rows: expanded by the blocked view below
+                    return _as_f32(p[:, c0:c1])
+                return _as_f32(p[rows // self.block, c0:c1])
+            blk = _as_f32(p[rows, c0 // self.block:-(-c1 // self.block)])  # blocks along columns
+            return np.repeat(blk, self.block, axis=1)[:, :c1 - c0]  # c0 % block == 0
 
         if self.block > 0 and self.axis == 0 and isinstance(rows, slice) and np.asarray(scale).size > 1:
             _blocked_rows(w, param(scale), param(zp) if zp is not None else None, self.block)
@@ -519,6 +514,13 @@ def _is_const(t) -> bool:
     return isinstance(t, gs.Constant)
 
 
+def _const_values(t: gs.Constant) -> np.ndarray:
+    """A constant's values, without caching them on the tensor (graphsurgeon cannot export
+    a 4-bit constant once its lazy values were replaced by an ml_dtypes array)."""
+    v = t._values
+    return v.load() if isinstance(v, LazyValues) else np.asarray(v)
+
+
 def fuse_dequant_matmul(model: Model) -> int:
     """``DequantizeLinear(W const) -> MatMul(X, .)`` / ``Gather(., ids)`` become DequantMatMul / DequantGather.
 
@@ -549,14 +551,14 @@ def fuse_dequant_matmul(model: Model) -> int:
             for c in consumers)
         if not ok or len(w.shape or ()) != 2:
             continue
-        wv = np.asarray(w.values)
+        wv = _const_values(w)
         name = wv.dtype.name
-        if name not in _DQ_INPUT_TYPES:
+        if name not in _DQ_INPUT_TYPES or name == "int32":  # int32: float32 chunks would round
             continue
-        sv = np.asarray(scale.values)
+        sv = _const_values(scale)
         if sv.dtype.name not in _DQ_SCALE_TYPES:
             continue
-        zv = np.asarray(zp.values) if zp is not None else None
+        zv = _const_values(zp) if zp is not None else None
         axis = int(dq.attrs.get("axis", 1))
         if not -2 <= axis <= 1:
             continue
@@ -631,6 +633,7 @@ def _dequant_matmul(n: KNode) -> Kernel:
             c1 = min(q.n, c0 + step)
             w = q.apply(q.raw(wq, slice(0, k), c0, c1), scale, zp, slice(0, k), c0, c1)
             out[:, c0:c1] = xf @ w
+            del w  # free this chunk before the next one is built
         return out.reshape(lead + (q.n,)).astype(out_dtype, copy=False)
     return run
 
