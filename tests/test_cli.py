@@ -105,7 +105,7 @@ def test_inspect(tmp_path, capsys):
     (["optimize", "{missing}", "-o", "{out}"], "graphopt optimize: error: cannot load {missing}: no such file"),
     (["optimize", "{text}", "-o", "{out}"], "graphopt optimize: error: cannot load {text}: not an ONNX model"),
     (["optimize", "{model}", "-o", "{out}", "--target", "tpu"],
-     "graphopt optimize: error: unknown target 'tpu'; known targets: cpu, onnxruntime"),
+     "graphopt optimize: error: unknown target 'tpu'; known targets: cpu, cuda, onnxruntime"),
     (["optimize", "{model}", "-o", "{out}", "--passes", "magic"], "graphopt optimize: error: unknown pass 'magic'"),
     (["optimize", "{model}", "-o", "{tmp}/no/such/dir/o.onnx"],
      "graphopt optimize: error: cannot save to {tmp}/no/such/dir/o.onnx: directory {tmp}/no/such/dir does not exist"),

@@ -27,10 +27,13 @@ def test_builtins_register_through_the_hooks():
         "identity-elimination": "graphopt.passes",
         "constant-folding": "graphopt.passes",
         "initializer-dedupe": "graphopt.passes",
+        "tie-embedding-dedupe": "graphopt.passes",
+        "rmsnorm-fuse": "graphopt.passes",
+        "attention-fuse": "graphopt.passes",
         "dead-code-elimination": "graphopt.passes",
     }
-    assert {n: r.plugin for n, r in reg.backends.items()} == {"cpu": "graphopt.backends",
-                                                            "onnxruntime": "graphopt.backends"}
+    assert {n: r.plugin for n, r in reg.backends.items()} == {
+        "cpu": "graphopt.backends", "cuda": "graphopt.backends", "onnxruntime": "graphopt.backends"}
     assert reg.problems == []
 
 

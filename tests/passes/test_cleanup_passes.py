@@ -96,7 +96,7 @@ def test_constant_folding_respects_size_bound():
 def test_constant_folding_leaves_random_ops():
     nodes = [helper.make_node("RandomUniform", [], ["r"], shape=[2]), helper.make_node("Add", ["x", "r"], ["y"])]
     model = _model(nodes, [_vi("x", [2])], [_vi("y", [2])])
-    out, counters = _run_pass(model, "constant-folding")
+    out = graphopt.optimize(model, target="onnxruntime", passes=["constant-folding"], verify=True)
     assert [n.op for n in out.graph.nodes] == ["RandomUniform", "Add"]
 
 
@@ -153,7 +153,7 @@ def test_each_cleanup_pass_on_fixture(fixture_model, pass_name):
         assert ops["Constant"] == 0
         foldable = [n for n in out.graph.nodes if n.inputs and all(isinstance(t, gs.Constant) or not t.name
                                                                    for t in n.inputs)]
-        assert len(foldable) <= counters["skipped_too_large"] + counters["failed"]
+        assert len(foldable) <= counters["skipped_too_large"] + counters["skipped_shared"] + counters["failed"]
     elif pass_name == "initializer-dedupe":
         digests = Counter((str(t.dtype), tuple(t.shape), np.asarray(t.values).tobytes())
                           for t in out.constants().values())
