@@ -38,6 +38,8 @@ class PassResult:
 
     changed: bool
     counters: dict[str, int] = field(default_factory=dict)
+    #: Structured facts for the report (e.g. per-weight quantization error); JSON-serialisable.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class PassStats:
     seconds: float
     changed: bool
     counters: dict[str, int]
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +145,7 @@ class Pipeline:
                 logger.debug("pass %s raised", p.name, exc_info=True)
                 raise PassError(p.name, done, e) from e
             stats = PassStats(p.name, before, work.node_count(), seconds, bool(result.changed),
-                              dict(result.counters))
+                              dict(result.counters), dict(result.details))
             work.history.append(stats)
             logger.info("%s: %d -> %d nodes in %.3fs %s", p.name, before, stats.nodes_after, seconds,
                         stats.counters)

@@ -11,12 +11,13 @@ from graphopt.passes.cleanup import DeadCodeElimination, IdentityElimination
 from graphopt.passes.constant_folding import ConstantFolding
 from graphopt.passes.decompositions import DECOMPOSITIONS
 from graphopt.passes.dedupe import InitializerDedupe
+from graphopt.passes.quantize import Quantize
 from graphopt.passes.rmsnorm import RMSNormFuse
 from graphopt.passes.shape_inference import ShapeInference
 from graphopt.passes.tie_embedding import TieEmbeddingDedupe
 
 BUILTIN_PASSES = (ShapeInference, IdentityElimination, ConstantFolding, InitializerDedupe, TieEmbeddingDedupe,
-                  RMSNormFuse, AttentionFuse, DeadCodeElimination)
+                  RMSNormFuse, AttentionFuse, Quantize, DeadCodeElimination)
 
 
 @hookimpl

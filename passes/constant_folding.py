@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                     "Multinomial", "Bernoulli"}
+#: Folding these would undo quantization (materialise the float weight).
+KEEP = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
 _STANDARD_KINDS = set("biuf")
 
 
@@ -122,7 +124,7 @@ class ConstantFolding(Pass):
 
     @staticmethod
     def _foldable(node: gs.Node) -> bool:
-        if not is_standard(node) or node.op in NONDETERMINISTIC:
+        if not is_standard(node) or node.op in NONDETERMINISTIC or node.op in KEEP:
             return False
         if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
             return False

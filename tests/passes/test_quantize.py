@@ -1,0 +1,137 @@
+"""quantize: the block math, standard QDQ output, tied weights quantized once, execution on
+the cpu backend against onnxruntime, options and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from conftest import FIXTURES, run_ort, split_reference
+from graphopt.passes.quantize import QuantSpec, dequantize_blocks, error_stats, quantize_blocks
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_math_round_trips_within_half_a_step(bits, symmetric):
+    w = RNG.standard_normal((100, 24)).astype(np.float32)  # 100 rows: a partial last block of 4
+    spec = QuantSpec(bits, 32, symmetric)
+    codes, scales, zeros = quantize_blocks(w, spec)
+    assert scales.shape == (4, 24) and codes.shape == w.shape
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    assert codes.min() >= lo and codes.max() <= hi
+    assert (zeros is None) == symmetric
+    deq = dequantize_blocks(codes, scales, zeros, 32)
+    step = np.repeat(scales, 32, axis=0)[:100]
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+
+
+def test_search_lowers_weighted_error():
+    w = RNG.standard_t(3, (256, 64)).astype(np.float32)  # heavy tails: clipping pays off
+    errors = {}
+    for method in ("rtn", "search"):
+        codes, scales, _ = quantize_blocks(w, QuantSpec(4, 32, method=method))
+        errors[method] = error_stats(w, dequantize_blocks(codes, scales, None, 32))["rel_rms_error"]
+    assert errors["search"] < 0.95 * errors["rtn"], errors
+
+
+def test_importance_weights_the_error():
+    w = RNG.standard_normal((64, 32)).astype(np.float32)
+    imp = np.ones(64, np.float32)
+    imp[:8] = 100.0  # the first channels matter most
+    plain = quantize_blocks(w, QuantSpec(4, 64, method="search"))
+    aware = quantize_blocks(w, QuantSpec(4, 64, method="search"), importance=imp)
+
+    def weighted(q):
+        deq = dequantize_blocks(q[0], q[1], None, 64)
+        return float((imp[:, None] * (w - deq) ** 2).sum())
+    assert weighted(aware) <= weighted(plain)
+
+
+@pytest.mark.parametrize("name", ["qwen2-torchscript-decode", "qwen2-dynamo-decode"])
+def test_tied_matrix_quantized_once_for_both_uses(name, tmp_path):
+    out = graphopt.optimize(graphopt.load(FIXTURES / f"{name}.onnx"), target="cpu", verify=True,
+                            quant_bits=4, quant_block=32)
+    dq = [n for n in out.graph.nodes if n.op == "DequantizeLinear"]
+    big = [n for n in dq if int(np.prod(n.inputs[0].shape)) == 512 * 64]
+    assert len(big) == 1  # one quantized vocab x hidden matrix ...
+    users = {c.op for c in big[0].outputs[0].outputs}
+    assert users == {"Gather", "Transpose"}  # ... read by the embedding lookup and the LM head
+    assert big[0].attrs == {"axis": 1, "block_size": 32}
+    assert big[0].inputs[0].dtype == np.int8 or big[0].inputs[0]._values.tensor.data_type == TensorProto.INT8
+    floats = [t for t in out.constants().values() if np.dtype(t.dtype).kind == "f" and np.prod(t.shape) >= 512 * 64]
+    assert floats == []  # no float copy left
+    stats = {s.name: s for s in out.history}["quantize"]
+    assert stats.counters["tied"] == 1 and stats.counters["linear"] == 14
+    out.save(tmp_path / "q.onnx")
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    types = {t.data_type for t in proto.graph.initializer}
+    assert TensorProto.INT4 in types and TensorProto.INT8 in types  # 4-bit layers, 8-bit tied head
+
+
+def test_cpu_backend_matches_onnxruntime_on_quantized_fixture(fixture_model):
+    model = graphopt.load(fixture_model)
+    out = graphopt.optimize(model, target="cpu", quant_bits=4, quant_block=16)
+    feeds, expected = split_reference(fixture_model)
+    cpu = graphopt.compile(out, "cpu").run(feeds)
+    ort = graphopt.compile(out, "onnxruntime").run(feeds)  # accuracy level 0: float activations
+    for name in ort:
+        np.testing.assert_allclose(cpu[name], ort[name], atol=1e-4, rtol=0, err_msg=name)
+    assert float(np.corrcoef(cpu["logits"].reshape(-1), expected["logits"].reshape(-1))[0, 1]) > 0.8
+
+
+def test_eight_bit_is_close_to_float():
+    path = FIXTURES / "llama-dynamo-decode.onnx"
+    model = graphopt.load(path)
+    out = graphopt.optimize(model, target="cpu", quant_bits=8, quant_block=32)
+    feeds, expected = split_reference(path)
+    got = graphopt.compile(out, "cpu").run(feeds)["logits"]
+    g, e = got.reshape(-1).astype(np.float64), expected["logits"].reshape(-1)
+    assert g @ e / (np.linalg.norm(g) * np.linalg.norm(e)) > 0.999
+    assert (np.argmax(got, -1) == np.argmax(expected["logits"], -1)).all()
+    report = {s.name: s for s in out.history}["quantize"].details["weights"]
+    assert all(w["sqnr_db"] > 35 for w in report)  # 8-bit: ~40 dB
+
+
+def _linear(k=40, n=24):
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, n])], [numpy_helper.from_array(w, "w")])
+    return graphopt.Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_partial_block_and_zero_points_run_everywhere(symmetric):
+    model = _linear()  # K = 40 with block 16: blocks of 16, 16, 8
+    out = graphopt.optimize(model, target="cpu", passes=["quantize"], verify=True, quant_bits=4, quant_block=16,
+                            quant_symmetric=symmetric, quant_min_elements=16)
+    dq = next(n for n in out.graph.nodes if n.op == "DequantizeLinear")
+    assert tuple(dq.inputs[1].shape) == (3, 24)
+    assert len(dq.inputs) == (2 if symmetric else 3)
+    x = RNG.standard_normal((3, 40)).astype(np.float32)
+    cpu = graphopt.compile(out, "cpu").run({"x": x})["z"]
+    np.testing.assert_allclose(cpu, run_ort(out, {"x": x})["z"], atol=1e-5)
+    w = np.asarray(model.constants()["w"].values)
+    assert np.abs(cpu - np.maximum(x @ w, 0)).max() < 0.5
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(quant_bits=3), "3-bit weights are not supported"),
+    (dict(quant_bits=4, quant_block=24), "block size 24 is not a power of two >= 16"),
+    (dict(quant_bits=4, quant_method="gptq"), "unknown method 'gptq'"),
+])
+def test_bad_options_are_user_errors(options, message):
+    with pytest.raises(graphopt.PassError, match=message):
+        graphopt.optimize(_linear(), passes=["quantize"], **options)
+
+
+def test_exclude_and_not_requested():
+    out = graphopt.optimize(_linear(), passes=["quantize"], quant_bits=4, quant_exclude="w*", quant_min_elements=16)
+    assert out.history[0].counters == {"quantized": 0}
+    out = graphopt.optimize(_linear(), passes=["quantize"])
+    assert out.history[0].counters == {"skipped_not_requested": 1}
