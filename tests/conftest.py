@@ -39,10 +39,12 @@ def split_reference(model_path: Path) -> tuple[dict, dict]:
 
 def run_ort(model: graphopt.Model | Path, feeds: dict) -> dict[str, np.ndarray]:
     ort = pytest.importorskip("onnxruntime")
-    if isinstance(model, Path):
-        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    else:
-        sess = ort.InferenceSession(model.to_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # onnxruntime turns DequantizeLinear -> MatMul into MatMulNBits and by default quantizes its
+    # activations to int8; as the numerical reference it must keep them in float.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    source = str(model) if isinstance(model, Path) else model.to_onnx().SerializeToString()
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

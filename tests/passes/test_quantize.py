@@ -117,7 +117,8 @@ def test_partial_block_and_zero_points_run_everywhere(symmetric):
     cpu = graphopt.compile(out, "cpu").run({"x": x})["z"]
     np.testing.assert_allclose(cpu, run_ort(out, {"x": x})["z"], atol=1e-5)
     w = np.asarray(model.constants()["w"].values)
-    assert np.abs(cpu - np.maximum(x @ w, 0)).max() < 0.5
+    exact = np.maximum(x @ w, 0)
+    assert np.linalg.norm(cpu - exact) / np.linalg.norm(exact) < 0.15  # 4-bit: ~10% relative error
 
 
 @pytest.mark.parametrize("options, message", [
