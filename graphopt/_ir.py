@@ -56,6 +56,20 @@ _MEMMAPPABLE = {
 }
 
 
+def array_view(t: gs.Constant) -> np.ndarray:
+    """A constant's values without copying them where possible: a read-only view of an
+    inline tensor's bytes, a memory map of an external one. Does not replace the lazy
+    values (reading ``t.values`` would), so export stays byte-for-byte."""
+    v = t._values
+    if isinstance(v, ExternalValues) or not isinstance(v, LazyValues):
+        return v.load() if isinstance(v, ExternalValues) else np.asarray(v)
+    tp = v.tensor
+    if tp.HasField("raw_data") and tp.data_type in _MEMMAPPABLE:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tp.data_type)
+        return np.frombuffer(tp.raw_data, dtype=dtype).reshape(tuple(tp.dims))
+    return v.load()
+
+
 def tensor_nbytes(t: TensorProto) -> int:
     """Bytes of a tensor's data as stored (packed for 4-bit types)."""
     numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
@@ -272,15 +286,20 @@ class Model:
         """A ModelProto where every weight of ``keep_below`` bytes or more is a typed graph
         input instead of an initializer: cheap to check and shape-infer on any model size."""
         swapped = []
-        for t in self.constants().values():  # big in-memory arrays: export dims and dtype only
+        for t in self.constants().values():  # big weights: export dims and dtype only, never bytes
             v = t._values
             if isinstance(v, np.ndarray) and v.nbytes >= keep_below and v.dtype.kind in "biufc":
-                stub = TensorProto(name=t.name, dims=list(v.shape),
-                                   data_type=onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
-                stub.data_location = TensorProto.EXTERNAL
-                stub.external_data.add(key="location", value="<in memory>")
-                swapped.append((t, v))
-                t._values = LazyValues(stub)
+                dims, data_type = list(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+            elif isinstance(v, LazyValues) and not isinstance(v, ExternalValues) and \
+                    tensor_nbytes(v.tensor) >= keep_below:
+                dims, data_type = list(v.tensor.dims), v.tensor.data_type
+            else:
+                continue
+            stub = TensorProto(name=t.name, dims=dims, data_type=data_type)
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="<in memory>")
+            swapped.append((t, v))
+            t._values = LazyValues(stub)
         try:
             proto = self.to_onnx()
         finally:

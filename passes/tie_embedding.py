@@ -21,7 +21,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt._ir import Model
+from graphopt._ir import Model, array_view
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import remove_dead, unique_name
 
@@ -34,11 +34,15 @@ def _nbytes(t: gs.Constant) -> int:
     return int(getattr(v, "nbytes", 0) or np.asarray(v).nbytes)
 
 
-def is_transpose_of(a: gs.Constant, b: gs.Constant, samples: int = 64) -> bool:
+def is_transpose_of(a: gs.Constant, b: gs.Constant, samples: int = 64, views: dict | None = None) -> bool:
     """Whether b == a.T exactly (same dtype), checked on samples first, then in row blocks."""
     if a.dtype != b.dtype or len(a.shape) != 2 or tuple(b.shape) != tuple(a.shape)[::-1]:
         return False
-    va, vb = np.asarray(a.values), np.asarray(b.values)
+    views = {} if views is None else views
+    for t in (a, b):
+        if id(t) not in views:
+            views[id(t)] = array_view(t)
+    va, vb = views[id(a)], views[id(b)]
     rng = np.random.default_rng(0)
     i = rng.integers(0, va.shape[0], samples)
     j = rng.integers(0, va.shape[1], samples)
@@ -68,6 +72,7 @@ class TieEmbeddingDedupe(Pass):
                 by_shape[tuple(t.shape)].append(t)
         merged = saved = 0
         done: set[int] = set()
+        views: dict[int, np.ndarray] = {}
         outputs = {id(t) for t in graph.outputs}
         for shape, group in list(by_shape.items()):
             partners = by_shape.get(shape[::-1], [])
@@ -77,7 +82,7 @@ class TieEmbeddingDedupe(Pass):
                 for b in partners:
                     if a is b or id(a) in done or id(b) in done or id(a) in outputs or id(b) in outputs:
                         continue
-                    if not is_transpose_of(a, b):
+                    if not is_transpose_of(a, b, views=views):
                         continue
                     keep, drop = (b, a) if _is_embedding(b) and not _is_embedding(a) else (a, b)
                     self._rewire(graph, keep, drop)
