@@ -64,13 +64,21 @@ def _timed(fn) -> float:
 
 
 def weight_bytes(model) -> int:
+    """Bytes a decode step must stream: every weight, except tables only read by ``Gather``
+    (an embedding lookup reads one row per token, not the table)."""
     import onnx_graphsurgeon as gs
 
     from graphopt._ir import tensor_nbytes
 
+    def gather_only(t) -> bool:
+        users = list(t.outputs)
+        while users and all(u.op == "DequantizeLinear" for u in users):
+            users = [c for u in users for c in u.outputs[0].outputs]
+        return bool(users) and all(u.op == "Gather" and u.inputs[0] is not None for u in users)
+
     total = 0
     for t in model.graph.tensors().values():
-        if isinstance(t, gs.Constant):
+        if isinstance(t, gs.Constant) and not gather_only(t):
             v = t._values
             total += tensor_nbytes(v.tensor) if hasattr(v, "tensor") else int(np.asarray(v).nbytes)
     return total
