@@ -372,9 +372,16 @@ class Model:
 
 def _temp_beside(target: Path, temps: list[Path]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output should look like any new file
     os.close(fd)
     temps.append(Path(name))
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues], data_tmp: Path,
