@@ -36,10 +36,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt._ir import Model
-from graphopt._opset import ensure_opset
-from graphopt._pipeline import Pass, PassContext, PassResult
+from graphopt._pipeline import PassContext
+from graphopt.fusion import FusionPass
 from graphopt.pattern import Any, Const, Match, Op, OneOf, Wrapped, const_value, escapes, find, producer
-from graphopt.rewrite import fuse, remove_dead, unique_name
+from graphopt.rewrite import fuse, unique_name
 
 OPSET = 23
 
@@ -151,34 +151,16 @@ class _Layer:
         self.rule_parts: list[str] = []
 
 
-class AttentionFuse(Pass):
+class AttentionFuse(FusionPass):
     name = "attention-fuse"
     summary = "fuse each attention block into standard Attention + RotaryEmbedding (opset 23)"
     after = ("shape-inference", "constant-folding", "identity-elimination", "cast-cleanup", "rmsnorm-fuse")
     before = ("dead-code-elimination",)
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        target = ctx.target
-        if target is not None:
-            missing = [op for op in ("Attention", "RotaryEmbedding") if not target.supports_op(op, "", OPSET)]
-            if missing:
-                ctx.notes.append(f"attention-fuse: target {target.name} does not support {', '.join(missing)}; "
-                                 "skipped")
-                return PassResult(False, {"skipped_target": 1})
-        if not self._scan(model, ctx, rewrite=False):
-            if ctx.explain:
-                self._scan(model, ctx, rewrite=True)  # no candidate: collect the reasons only
-            return PassResult(False, {"fused": 0})
-        reason = ensure_opset(model, OPSET)
-        if reason:
-            ctx.notes.append(f"attention-fuse: {reason}; nothing fused")
-            return PassResult(False, {"fused": 0, "opset_upgrade_failed": 1})
-        counts = self._scan(model, ctx, rewrite=True)
-        remove_dead(model.graph)
-        return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})
+    emits = ("Attention", "RotaryEmbedding")
+    opset = OPSET
 
     # -------------------------------------------------------------- scanning
-    def _scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:
+    def scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:
         graph = model.graph
         graph.toposort()
         counts: dict[str, int] = {}

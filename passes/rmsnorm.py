@@ -22,10 +22,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt._ir import Model
-from graphopt._opset import ensure_opset
-from graphopt._pipeline import Pass, PassContext, PassResult
+from graphopt._pipeline import PassContext
+from graphopt.fusion import FusionPass
 from graphopt.pattern import Any, Const, Match, Op, OneOf, Wrapped, const_value, escapes, find
-from graphopt.rewrite import fuse, remove_dead, unique_name
+from graphopt.rewrite import fuse, unique_name
 
 OPSET = 23
 
@@ -87,29 +87,15 @@ def _check(m: Match, root: gs.Tensor, graph: gs.Graph) -> tuple[np.ndarray | Non
     return w, None
 
 
-class RMSNormFuse(Pass):
+class RMSNormFuse(FusionPass):
     name = "rmsnorm-fuse"
     summary = "fuse RMS normalisations into standard RMSNormalization (opset 23)"
     after = ("shape-inference", "constant-folding", "cast-cleanup", "identity-elimination")
     before = ("attention-fuse", "dead-code-elimination")
+    emits = ("RMSNormalization",)
+    opset = OPSET
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if ctx.target is not None and not ctx.target.supports_op("RMSNormalization", "", OPSET):
-            ctx.notes.append(f"rmsnorm-fuse: target {ctx.target.name} does not support RMSNormalization; skipped")
-            return PassResult(False, {"skipped_target": 1})
-        if not self._candidates(model, ctx, dry=True):
-            if ctx.explain:  # nothing will be rewritten: collect the reasons
-                self._candidates(model, ctx, dry=False)
-            return PassResult(False, {"fused": 0})
-        reason = ensure_opset(model, OPSET)
-        if reason:
-            ctx.notes.append(f"rmsnorm-fuse: {reason}; nothing fused")
-            return PassResult(False, {"fused": 0, "opset_upgrade_failed": 1})
-        counts = self._candidates(model, ctx, dry=False)
-        remove_dead(model.graph)
-        return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})
-
-    def _candidates(self, model: Model, ctx: PassContext, *, dry: bool) -> dict[str, int]:
+    def scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:
         graph = model.graph
         graph.toposort()
         counts: dict[str, int] = {}
@@ -131,12 +117,12 @@ class RMSNormFuse(Pass):
                     first_reason = why
                     break
                 counts[rule] = counts.get(rule, 0) + 1
-                if dry:
+                if not rewrite:
                     return counts
                 self._rewrite(graph, m, root, w, rule)
                 first_reason = None
                 break
-            if first_reason and ctx.explain and not dry and _looks_like_norm(node):
+            if first_reason and ctx.explain and rewrite and _looks_like_norm(node):
                 ctx.notes.append(f"rmsnorm-fuse: {node.name!r} not fused: {first_reason}")
         return counts
 

@@ -1,0 +1,51 @@
+"""The driver every fusion pass shares.
+
+A fusion pass declares the standard ops it emits (``emits``) and the opset they
+need, and implements ``scan(model, ctx, rewrite) -> {rule: count}``. The driver
+
+1. skips (with a note) when the target does not declare an emitted op — fusing what
+   the target cannot run would only be split back again;
+2. scans without rewriting; nothing found means nothing changes (with ``--explain``
+   the scan is repeated to collect why each candidate did not match);
+3. raises the model's opset if needed (``graphopt._opset``), then scans again,
+   rewriting, and sweeps dead nodes;
+4. reports ``fused`` and ``rule:<name>`` counters.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from graphopt._ir import Model
+from graphopt._opset import ensure_opset
+from graphopt._pipeline import Pass, PassContext, PassResult
+from graphopt.rewrite import remove_dead
+
+
+class FusionPass(Pass):
+    #: Standard ops (default domain) the pass creates.
+    emits: ClassVar[tuple[str, ...]] = ()
+    #: The opset those ops need.
+    opset: ClassVar[int] = 23
+
+    def scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:  # pragma: no cover
+        raise NotImplementedError
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        target = ctx.target
+        if target is not None:
+            missing = [op for op in self.emits if not target.supports_op(op, "", self.opset)]
+            if missing:
+                ctx.notes.append(f"{self.name}: target {target.name} does not support {', '.join(missing)}; skipped")
+                return PassResult(False, {"skipped_target": 1})
+        if not self.scan(model, ctx, rewrite=False):
+            if ctx.explain:  # nothing will be rewritten: collect the reasons only
+                self.scan(model, ctx, rewrite=True)
+            return PassResult(False, {"fused": 0})
+        reason = ensure_opset(model, self.opset)
+        if reason:
+            ctx.notes.append(f"{self.name}: {reason}; nothing fused")
+            return PassResult(False, {"fused": 0, "opset_upgrade_failed": 1})
+        counts = self.scan(model, ctx, rewrite=True)
+        remove_dead(model.graph)
+        return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})
