@@ -4,10 +4,11 @@ backends through the ``graphopt_register_backends`` hook (shipped as ``graphopt.
 from __future__ import annotations
 
 from graphopt.backends.cpu import CpuBackend
+from graphopt.backends.cuda import CudaBackend
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.hookspecs import hookimpl
 
-BUILTIN_BACKENDS = (CpuBackend, OnnxRuntimeBackend)
+BUILTIN_BACKENDS = (CpuBackend, CudaBackend, OnnxRuntimeBackend)
 
 
 @hookimpl

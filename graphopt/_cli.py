@@ -7,6 +7,7 @@ is a :class:`GraphoptError`: one line on stderr, non-zero exit, no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -40,10 +41,25 @@ def _dump_json(data: Any) -> None:
 
 
 # ------------------------------------------------------------------ optimize
+_QUANT_FLAGS = {"quant_bits": "quant_bits", "quant_block": "quant_block", "lm_quant_bits": "quant_lm_bits",
+                "lm_quant_block": "quant_lm_block", "embed_quant_bits": "quant_embed_bits",
+                "embed_quant_block": "quant_embed_block", "quant_method": "quant_method",
+                "quant_scale_dtype": "quant_scale_dtype", "quant_min_elements": "quant_min_elements",
+                "quant_include": "quant_include", "quant_exclude": "quant_exclude"}
+
+
 def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.fold_max_bytes is not None:
         options["fold_max_bytes"] = args.fold_max_bytes
+    for flag, key in _QUANT_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            options[key] = value
+    if args.quant_asym:
+        options["quant_symmetric"] = False
+    if any(k.startswith("quant_") for k in options) and "quant_bits" not in options:
+        raise GraphoptError("quantization options need --quant-bits (4 or 8)")
     for item in args.option or []:
         if "=" not in item:
             raise GraphoptError(f"--option expects KEY=VALUE, got {item!r}")
@@ -76,18 +92,62 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         table.add_row(s.name, f"{s.nodes_before} → {s.nodes_after}", f"{s.seconds * 1000:.1f} ms", counters)
     table.caption = f"{model.node_count()} → {result.node_count()} nodes, {total:.2f} s in all"
     out.print(table)
+    split_back = [sb for s in stats if isinstance(s, graphopt.LegalizeStats) for sb in s.split_back]
+    for sb in split_back:
+        out.print(sb.line(), markup=False)
     if args.explain:
         for note in result_notes(result):
             out.print(note)
+    quality = _quality(args, model, result, stats)
     if args.report:
         report = {
             "input": str(src), "output": str(dst), "target": args.target,
             "nodes_before": model.node_count(), "nodes_after": result.node_count(),
             "ops_before": dict(model.op_histogram()), "ops_after": dict(result.op_histogram()),
             "seconds": total, "passes": [s.to_dict() for s in stats],
+            "split_back": [{**dataclasses.asdict(sb), "line": sb.line()} for sb in split_back],
+            "quality": quality,
         }
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _quality(args: argparse.Namespace, original: Model, result: Model, stats: list) -> dict[str, Any] | None:
+    """What quantization cost: per-weight error, and the optimized model against the
+    original on the same generated inputs (cpu backend for both)."""
+    quant = next((s for s in stats if s.name == "quantize" and s.details.get("weights")), None)
+    if quant is None:
+        return None
+    weights = quant.details["weights"]
+    table = Table(title=f"quantization: {len(weights)} weights (worst first)")
+    for col in ("weight", "role", "shape", "bits/block", "rel RMS error", "SQNR"):
+        table.add_column(col, justify="right" if col in ("rel RMS error", "SQNR") else "left")
+    for w in sorted(weights, key=lambda w: -w["rel_rms_error"])[:12]:
+        table.add_row(w["name"], w["role"], "×".join(map(str, w["shape"])), f"{w['bits']}/{w['block']}",
+                      f"{w['rel_rms_error']:.4f}", f"{w['sqnr_db']:.1f} dB")
+    before = sum(w["bytes_before"] for w in weights)
+    after = sum(w["bytes_after"] for w in weights)
+    table.caption = f"quantized weights: {before / 2**20:.2f} MiB → {after / 2**20:.2f} MiB"
+    out.print(table)
+    quality: dict[str, Any] = {"weights": weights, "bytes_before": before, "bytes_after": after}
+    if args.no_quality:
+        return quality
+    from graphopt._evaluate import compare
+    from graphopt._inputs import InputSpec, has_kv_cache
+
+    feeds = build_inputs(original, InputSpec(seq=1 if has_kv_cache(original) else 8, past=7))
+    ref = graphopt.compile(original, "cpu").run(feeds)
+    got = graphopt.compile(result, "cpu").run(feeds)
+    diffs = [compare(n, got[n], ref[n], 0.0, 0.0) for n in ref if n in got]
+    end = Table(title="end to end: optimized vs original (cpu backend, same generated inputs)")
+    for col in ("output", "max abs", "cosine", "top-1 agreement"):
+        end.add_column(col)
+    for d in diffs:
+        end.add_row(d.name, f"{d.max_abs:.4g}", f"{d.cosine:.6f}", "-" if d.top1 is None else f"{d.top1:.3f}")
+    out.print(end)
+    quality["end_to_end"] = [{"name": d.name, "max_abs": d.max_abs, "cosine": d.cosine, "top1": d.top1}
+                             for d in diffs]
+    return quality
 
 
 def result_notes(model: Model) -> list[str]:
@@ -319,6 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store weights in OUT.onnx.data (auto: if the input did or the model is over 2 GiB)")
     o.add_argument("--fold-max-bytes", type=int, metavar="N", help="largest tensor constant folding may create")
     o.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra pass option (JSON value)")
+    q = o.add_argument_group("quantization (weight-only, block-wise; see `graphopt passes`)")
+    q.add_argument("--quant-bits", type=int, choices=(4, 8), help="bits of the linear layers' weights")
+    q.add_argument("--quant-block", type=int, metavar="N", help="block size along the reduction axis (default 32)")
+    q.add_argument("--lm-quant-bits", type=int, choices=(4, 8), help="bits of the LM head (default 8)")
+    q.add_argument("--lm-quant-block", type=int, metavar="N", help="block size of the LM head")
+    q.add_argument("--embed-quant-bits", type=int, choices=(4, 8), help="bits of the embedding table (default: float)")
+    q.add_argument("--embed-quant-block", type=int, metavar="N", help="block size of the embedding table")
+    q.add_argument("--quant-asym", action="store_true", help="asymmetric (zero points, UINT4/UINT8)")
+    q.add_argument("--quant-method", choices=("rtn", "search", "activation"),
+                   help="rtn: round to nearest (default); search: error-minimising block scales; "
+                        "activation: search weighted by activations from sample inputs")
+    q.add_argument("--quant-scale-dtype", choices=("float32", "float16"), help="dtype of the scales")
+    q.add_argument("--quant-include", action="append", metavar="PATTERN", help="only weights matching (fnmatch)")
+    q.add_argument("--quant-exclude", action="append", metavar="PATTERN", help="skip weights matching (fnmatch)")
+    q.add_argument("--quant-min-elements", type=int, metavar="N", help="skip smaller weights (default 1024)")
+    q.add_argument("--no-quality", action="store_true", help="skip the end-to-end quality check after quantizing")
     o.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("passes", help="list registered passes", description="List registered passes.")

@@ -9,6 +9,7 @@ from graphopt.hookspecs import hookimpl
 from graphopt.passes.attention import AttentionFuse
 from graphopt.passes.cleanup import DeadCodeElimination, IdentityElimination
 from graphopt.passes.constant_folding import ConstantFolding
+from graphopt.passes.decompose_attention import ATTENTION_DECOMPOSITIONS
 from graphopt.passes.decompositions import DECOMPOSITIONS
 from graphopt.passes.dedupe import InitializerDedupe
 from graphopt.passes.quantize import Quantize
@@ -28,5 +29,5 @@ def graphopt_register_passes(register):
 
 @hookimpl
 def graphopt_register_decompositions(register):
-    for (domain, op_type), fn in DECOMPOSITIONS.items():
+    for (domain, op_type), fn in {**DECOMPOSITIONS, **ATTENTION_DECOMPOSITIONS}.items():
         register(domain, op_type, fn)

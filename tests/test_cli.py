@@ -132,3 +132,38 @@ def test_input_is_never_modified(tmp_path):
     before = src.read_bytes()
     assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx")]) == 0
     assert src.read_bytes() == before
+
+
+def test_optimize_quantized_with_quality_report(tmp_path):
+    src = Path(__file__).parent / "fixtures" / "qwen2-torchscript-decode.onnx"
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = _cli("optimize", str(src), "-o", str(out), "--quant-bits", "4", "--quant-block", "32",
+               "--lm-quant-bits", "8", "--report", str(report))
+    assert res.returncode == 0, res.stderr
+    assert "quantization: 15 weights" in res.stdout and "end to end" in res.stdout
+    data = json.loads(report.read_text())
+    quality = data["quality"]
+    assert {w["role"] for w in quality["weights"]} == {"linear", "tied"}
+    assert all(w["bits"] == (8 if w["role"] == "tied" else 4) for w in quality["weights"])
+    logits = next(e for e in quality["end_to_end"] if e["name"] == "logits")
+    assert 0.8 < logits["cosine"] < 1.0
+    assert out.stat().st_size < 0.25 * src.stat().st_size
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_quant_options_need_bits(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(make_mlp(), str(src))
+    res = _cli("optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--quant-block", "64")
+    assert res.returncode != 0 and "quantization options need --quant-bits" in res.stderr
+    res = _cli("optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--quant-bits", "4", "--quant-block", "48")
+    assert res.returncode != 0 and "block size 48 is not a power of two" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o.onnx").exists()
