@@ -99,6 +99,18 @@ def _reason(node: gs.Node, model: Model, backend: Backend) -> str | None:
     return opset_problem(node, model) or backend.check(node, model)
 
 
+def _describe(left: list[tuple[gs.Node, str, str]], detail: int = 6) -> str:
+    """Every node left, one by one when few, else grouped by op and reason (names still all listed)."""
+    if len(left) <= detail:
+        return "; ".join(f"{n.name or '<unnamed>'} ({op_label(n)}): {reason}" + (f" ({why})" if why else "")
+                         for n, reason, why in left)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n, reason, why in left:
+        groups.setdefault((op_label(n), reason + (f" ({why})" if why else "")), []).append(n.name or "<unnamed>")
+    return "; ".join(f"{len(names)} × {op} ({reason}): {', '.join(names)}"
+                     for (op, reason), names in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
 def unsupported_nodes(model: Model, target: str | Backend) -> list[tuple[gs.Node, str]]:
     """Every node ``target`` cannot run as it is, with the reason."""
     backend = _resolve(target)
@@ -161,9 +173,7 @@ def legalize(model: Model, target: str | Backend, *, in_place: bool = False,
     alive = {id(n) for n in graph.nodes}
     left = [v for k, v in stuck.items() if k in alive]
     if left:
-        parts = [f"{n.name or '<unnamed>'} ({op_label(n)}): {reason}" + (f" ({why})" if why else "")
-                 for n, reason, why in left]
-        raise LegalizeError(f"{backend.name} cannot run {len(left)} node(s): " + "; ".join(parts))
+        raise LegalizeError(f"{backend.name} cannot run {len(left)} node(s): " + _describe(left))
     if splits:
         merged = _tidy(work, created, registry)
         graph.toposort()
