@@ -206,6 +206,8 @@ class Quantize(Pass):
             spec.check(f"quantize ({role})")
         uses = self._find(model, ctx)
         if not uses:
+            if ctx.option("quant_include"):
+                raise GraphoptError(f"quantize: no weight matches --quant-include {ctx.option('quant_include')!r}")
             return PassResult(False, {"quantized": 0})
         reason = ensure_opset(model, OPSET)
         if reason:

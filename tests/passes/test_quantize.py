@@ -73,6 +73,21 @@ def test_tied_matrix_quantized_once_for_both_uses(name, tmp_path):
     assert TensorProto.INT4 in types and TensorProto.INT8 in types  # 4-bit layers, 8-bit tied head
 
 
+@pytest.mark.parametrize("bits, block, symmetric", [(8, 128, True), (8, 128, False), (4, 32, True), (4, 32, False),
+                                                    (4, 128, True), (4, 128, False)])
+def test_settings_agree_between_cpu_backend_and_onnxruntime(bits, block, symmetric):
+    path = FIXTURES / "qwen2-dynamo-decode.onnx"  # tied: the LM head at 8 bit is the shared matrix
+    out = graphopt.optimize(graphopt.load(path), target="cpu", quant_bits=bits, quant_block=block,
+                            quant_symmetric=symmetric, quant_lm_bits=8)
+    details = {s.name: s for s in out.history}["quantize"].details["weights"]
+    assert {(w["role"], w["bits"]) for w in details} == {("linear", bits), ("tied", 8)}
+    feeds, _ = split_reference(path)
+    cpu = graphopt.compile(out, "cpu").run(feeds)
+    ort = graphopt.compile(out, "onnxruntime").run(feeds)
+    for name in ort:
+        np.testing.assert_allclose(cpu[name], ort[name], atol=1e-4, rtol=0, err_msg=name)
+
+
 def test_cpu_backend_matches_onnxruntime_on_quantized_fixture(fixture_model):
     model = graphopt.load(fixture_model)
     out = graphopt.optimize(model, target="cpu", quant_bits=4, quant_block=16)
@@ -129,6 +144,11 @@ def test_partial_block_and_zero_points_run_everywhere(symmetric):
 def test_bad_options_are_user_errors(options, message):
     with pytest.raises(graphopt.PassError, match=message):
         graphopt.optimize(_linear(), passes=["quantize"], **options)
+
+
+def test_include_that_matches_nothing_is_an_error():
+    with pytest.raises(graphopt.PassError, match=r"no weight matches --quant-include 'decoder\.\*'"):
+        graphopt.optimize(_linear(), passes=["quantize"], quant_bits=4, quant_include="decoder.*")
 
 
 def test_exclude_and_not_requested():
