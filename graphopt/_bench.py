@@ -31,6 +31,8 @@ class BenchConfig:
     warmup: int = 2
     batch: int = 1
     threads: int | None = None
+    #: onnxruntime's MatMulNBits compute: None = its default (int8 activations, fast), 0 = float.
+    ort_accuracy_level: int | None = None
 
 
 def _peak_rss() -> int:
@@ -96,7 +98,8 @@ def worker(cfg: dict) -> dict:
     if engine == "onnxruntime":
         from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(threads=cfg.get("threads") or os.cpu_count(), optimization="all")
+        backend = OnnxRuntimeBackend(threads=cfg.get("threads") or os.cpu_count(), optimization="all",
+                                     accuracy_level=cfg.get("ort_accuracy_level"))
     else:
         backend = graphopt.get_backend(engine)
     t0 = time.perf_counter()
@@ -131,7 +134,7 @@ def run(cfg: BenchConfig, progress=None) -> dict:
         for phase in phases:
             payload = json.dumps({"model": str(cfg.model), "engine": engine, "phase": phase, "prefill": cfg.prefill,
                                   "past": cfg.past, "runs": cfg.runs, "warmup": cfg.warmup, "batch": cfg.batch,
-                                  "threads": cfg.threads})
+                                  "threads": cfg.threads, "ort_accuracy_level": cfg.ort_accuracy_level})
             env = dict(os.environ)
             if cfg.threads:
                 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

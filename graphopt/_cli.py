@@ -334,7 +334,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     graphopt.get_backend(args.target)  # unknown target: fail before measuring anything
     model = graphopt.load(args.model)
-    cfg = BenchConfig(args.model, args.target, args.prefill, args.past, args.runs, args.warmup, args.batch, args.threads)
+    cfg = BenchConfig(args.model, args.target, args.prefill, args.past, args.runs, args.warmup, args.batch, args.threads,
+                      args.ort_accuracy_level)
     steps = 4 if has_kv_cache(model) else 2
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task(f"bench {args.target} vs onnxruntime", total=steps)
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=10)
     be.add_argument("--warmup", type=int, default=2)
     be.add_argument("--threads", type=int, help="threads for both engines (default: all cores)")
+    be.add_argument("--ort-accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                    help="onnxruntime's compute for 4/8-bit weights: 0 = float activations (its reference mode, "
+                         "slow), 4 = int8 activations (fast, ~1e-2 error); default: onnxruntime's own default")
     be.add_argument("--json", metavar="OUT.json", help="write all figures as JSON")
     be.set_defaults(func=cmd_bench)
     return p

@@ -140,7 +140,7 @@ def test_optimize_quantized_with_quality_report(tmp_path):
     res = _cli("optimize", str(src), "-o", str(out), "--quant-bits", "4", "--quant-block", "32",
                "--lm-quant-bits", "8", "--report", str(report))
     assert res.returncode == 0, res.stderr
-    assert "quantization: 15 weights" in res.stdout and "end to end" in res.stdout
+    assert "quantization: 9 weights" in res.stdout and "end to end" in res.stdout
     data = json.loads(report.read_text())
     quality = data["quality"]
     assert {w["role"] for w in quality["weights"]} == {"linear", "tied"}

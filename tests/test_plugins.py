@@ -30,6 +30,7 @@ def test_builtins_register_through_the_hooks():
         "tie-embedding-dedupe": "graphopt.passes",
         "rmsnorm-fuse": "graphopt.passes",
         "attention-fuse": "graphopt.passes",
+        "matmul-merge": "graphopt.passes",
         "quantize": "graphopt.passes",
         "dead-code-elimination": "graphopt.passes",
     }
