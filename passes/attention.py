@@ -66,6 +66,13 @@ def _attention_pattern():
 
 ATTENTION = _attention_pattern()
 HEADS = Op("Transpose", Op("Reshape", Any("x3"), Any("shape")), perm=_perm([0, 2, 1, 3]))
+# Qwen3-style per-head q/k norm between the head split and the transpose (already fused by rmsnorm-fuse).
+HEADS_NORMED = Op("Transpose", Op("RMSNormalization", Op("Reshape", Any("x3"), Any("shape"), name="split"),
+                                  Any("scale"), name="norm", axis=lambda a: a in (None, -1, 3)),
+                  perm=_perm([0, 2, 1, 3]), name="transpose")
+# Partial rotary (Phi-3 style): only the first r channels of each head rotate.
+PARTIAL = Op("Concat", Any("rotated"), Op("Slice", Any("x"), Any(), Any(), Any(), extra_inputs=True, name="pass"),
+             axis=_axis_last)
 ROTARY = Op("Add",
             Op("Mul", Any("x"), Any("cos")),
             Op("Mul", Op("Concat", Op("Neg", Op("Slice", Any("x"), Any(), Any(), Any(), extra_inputs=True, name="hi")),
@@ -148,7 +155,10 @@ class _Layer:
         self.nodes: list[gs.Node] = []
         self.present_k = self.present_v = self.past_k = self.past_v = None
         self.cos = self.sin = None
+        self.rotary_dim: int | None = None
         self.rule_parts: list[str] = []
+        #: q/k whose heads were normalised per head: the normalised [B, S, H, D] tensor to flatten.
+        self.normed: dict[str, gs.Tensor] = {}
 
 
 class AttentionFuse(FusionPass):
@@ -243,7 +253,7 @@ class AttentionFuse(FusionPass):
             raise Reject("rotary embedding applied to only one of Q and K")
         layer.rule_parts = [p for p in layer.rule_parts if p not in ("rotary-q", "rotary-k")]
         if layer.cos is not None:
-            layer.rule_parts.insert(0, "rotary")
+            layer.rule_parts.insert(0, "partial-rotary" if layer.rotary_dim else "rotary")
         keep = tuple(t for t in (layer.present_k, layer.present_v) if t is not None)
         root = next(n for n in m.nodes if n.op == "Reshape" and n.inputs[1] is out).outputs[0]
         reason = escapes(_as_match(layer.nodes), root, graph, keep=keep)
@@ -280,15 +290,18 @@ class AttentionFuse(FusionPass):
                 if "kvcache" not in layer.rule_parts:
                     layer.rule_parts.append("kvcache")
         if which in ("q", "k"):
-            rot = _sub(ROTARY, t)
-            if rot is not None:
-                self._check_rotary(rot, layer, which)
-                layer.nodes += rot.nodes
-                t = rot["x"]
+            t = self._peel_rotary(t, layer, which)
         heads = _sub(HEADS, t)
         if heads is None:
-            raise Reject(f"{which.upper()} is not a [B,S,H·D] projection split into heads")
-        layer.nodes += heads.nodes
+            heads = _sub(HEADS_NORMED, t)
+            if heads is None:
+                raise Reject(f"{which.upper()} is not a [B,S,H·D] projection split into heads")
+            layer.normed[which] = heads["norm"].outputs[0]  # kept; flattened back to [B, S, H·D]
+            layer.nodes.append(heads["transpose"])
+            if "qk-norm" not in layer.rule_parts:
+                layer.rule_parts.append("qk-norm")
+        else:
+            layer.nodes += heads.nodes
         x3 = heads["x3"]
         shape4 = list(t.shape) if t.shape is not None and len(t.shape) == 4 else [None] * 4
         target = _partial_ints(heads["shape"]) or [None] * 4
@@ -307,11 +320,40 @@ class AttentionFuse(FusionPass):
             raise Reject(f"{which.upper()} has {features} features, not {h} heads of {d}")
         return x3, h, d
 
-    def _check_rotary(self, rot: Match, layer: _Layer, which: str) -> None:
+    def _peel_rotary(self, t: gs.Tensor, layer: _Layer, which: str) -> gs.Tensor:
+        """The tensor under a full or partial rotary embedding of ``t`` (or ``t`` itself)."""
+        rot = _sub(ROTARY, t)
+        if rot is not None:
+            self._check_rotary(rot, layer, which)
+            layer.nodes += rot.nodes
+            return rot["x"]
+        part = _sub(PARTIAL, t)
+        if part is None:
+            return t
+        rot = _sub(ROTARY, part["rotated"])
+        x = part["x"]
+        if rot is None:
+            return t
+        lead = producer(rot["x"])
+        d = x.shape[-1] if x.shape is not None else None
+        if lead is None or lead.op != "Slice" or lead.inputs[0] is not x or not isinstance(d, int):
+            return t
+        r0, r = _slice_bounds(lead, d)
+        p0, p1 = _slice_bounds(part["pass"], d)
+        if r0 != 0 or (p0, p1) != (r, d) or r % 2 or not 0 < r < d:
+            raise Reject(f"partial rotary slices [{r0}:{r}] + [{p0}:{p1}] do not split the head of {d}")
+        self._check_rotary(rot, layer, which, rotary_dim=r)
+        layer.nodes += part.nodes + rot.nodes + [lead]
+        return x
+
+    def _check_rotary(self, rot: Match, layer: _Layer, which: str, rotary_dim: int | None = None) -> None:
         x = rot["x"]
         d = x.shape[-1] if x.shape is not None else None
         if not isinstance(d, int):
             raise Reject("rotary over a head size that is unknown")
+        if layer.rotary_dim is not None and layer.rotary_dim != (rotary_dim or 0):
+            raise Reject("Q and K rotate different numbers of channels")
+        layer.rotary_dim = rotary_dim or 0
         lo, hi = _slice_bounds(rot["lo"], d), _slice_bounds(rot["hi"], d)
         if lo != (0, d // 2) or hi != (d // 2, d):
             raise Reject(f"rotary halves {lo}/{hi} are not rotate-half over the full head ({d}); partial or "
@@ -328,11 +370,16 @@ class AttentionFuse(FusionPass):
     def _rewrite(self, graph: gs.Graph, m: Match, root: gs.Tensor, layer: _Layer, rule: str,
                  halves: dict) -> None:
         q, k, v = layer.q3, layer.k3, layer.v3
+        if "q" in layer.normed:
+            q = self._flatten(graph, layer.normed["q"], layer.h * layer.d)
+        if "k" in layer.normed:
+            k = self._flatten(graph, layer.normed["k"], layer.hkv * layer.d)
         if layer.cos is not None:
-            cos_half = self._half_table(graph, layer.cos, "Cos", layer.d, halves)
-            sin_half = self._half_table(graph, layer.sin, "Sin", layer.d, halves)
-            q = self._rotary(graph, q, cos_half, sin_half, layer.h)
-            k = self._rotary(graph, k, cos_half, sin_half, layer.hkv)
+            rdim = layer.rotary_dim or layer.d
+            cos_half = self._half_table(graph, layer.cos, "Cos", rdim, halves)
+            sin_half = self._half_table(graph, layer.sin, "Sin", rdim, halves)
+            q = self._rotary(graph, q, cos_half, sin_half, layer.h, layer.rotary_dim)
+            k = self._rotary(graph, k, cos_half, sin_half, layer.hkv, layer.rotary_dim)
         empty = gs.Variable.empty
         mask = self._clamped(graph, layer.mask, halves) if layer.mask is not None else empty()
         inputs = [q, k, v, mask]
@@ -370,10 +417,24 @@ class AttentionFuse(FusionPass):
         return out
 
     @staticmethod
-    def _rotary(graph: gs.Graph, x3: gs.Tensor, cos: gs.Tensor, sin: gs.Tensor, heads: int) -> gs.Tensor:
+    def _flatten(graph: gs.Graph, x4: gs.Tensor, features: int) -> gs.Tensor:
+        """[B, S, H, D] → [B, S, H·D] (after a per-head norm)."""
+        shape = gs.Constant(unique_name(graph, f"{x4.name}_flat_shape"), np.array([0, 0, features], np.int64))
+        dims = list(x4.shape[:2]) + [features] if x4.shape is not None else None
+        out = gs.Variable(unique_name(graph, f"{x4.name}_flat"), x4.dtype, dims)
+        graph.nodes.append(gs.Node("Reshape", unique_name(graph, f"Reshape_{x4.name}_flat"), inputs=[x4, shape],
+                                   outputs=[out]))
+        return out
+
+    @staticmethod
+    def _rotary(graph: gs.Graph, x3: gs.Tensor, cos: gs.Tensor, sin: gs.Tensor, heads: int,
+                rotary_dim: int | None = None) -> gs.Tensor:
         out = gs.Variable(unique_name(graph, f"{x3.name}_rotary"), x3.dtype, x3.shape)
+        attrs = {"num_heads": heads}
+        if rotary_dim:
+            attrs["rotary_embedding_dim"] = rotary_dim
         node = gs.Node("RotaryEmbedding", unique_name(graph, f"RotaryEmbedding_{x3.name}"),
-                       attrs={"num_heads": heads}, inputs=[x3, cos, sin], outputs=[out])
+                       attrs=attrs, inputs=[x3, cos, sin], outputs=[out])
         node.meta = {"graphopt.rule": "rotary-rotate-half"}
         graph.nodes.append(node)
         return out

@@ -90,7 +90,7 @@ def test_target_without_attention_is_respected():
 B, S, H, HKV, D = 2, 3, 4, 2, 8
 
 
-def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True):
+def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, partial=False, qk_norm=False):
     """A small attention block with the dynamo exporter's structure (no cache, GQA)."""
     rng = np.random.default_rng(0)
     inits = {
@@ -104,7 +104,13 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True):
         "zero": np.array([0], np.int64), "half": np.array([rotary_halves[0]], np.int64),
         "end": np.array([rotary_halves[1]], np.int64), "one": np.array([1], np.int64),
         "inv_freq": (1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32),
+        "norm_scale": (1 + 0.1 * rng.standard_normal(D)).astype(np.float32),
+        "rdim": np.array([D // 2], np.int64), "dim": np.array([D], np.int64),
     }
+    if partial:  # rotate only the first D/2 channels: tables of D/2, halves of D/4
+        r = D // 2
+        inits["inv_freq"] = (1.0 / 10000 ** (np.arange(0, r, 2) / r)).astype(np.float32)
+        inits["half"], inits["end"] = np.array([r // 2], np.int64), np.array([r], np.int64)
     n = helper.make_node
     nodes = [
         n("MatMul", ["x", "wq"], ["q3"]), n("MatMul", ["x", "wk"], ["k3"]), n("MatMul", ["x", "wv"], ["v3"]),
@@ -117,14 +123,26 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True):
         n("Cos", ["emb"], ["cos3"]), n("Sin", ["emb"], ["sin3"]),
         n("Unsqueeze", ["cos3", "ax1"], ["cos"]), n("Unsqueeze", ["sin3", "ax1"], ["sin"]),
     ]
+    if qk_norm:  # Qwen3: RMS-normalise each head before the transpose
+        for t in ("q", "k"):
+            i = nodes.index(next(x for x in nodes if x.output[0] == f"{t}4"))
+            nodes[i] = n("RMSNormalization", [f"{t}_r", "norm_scale"], [f"{t}_n"], epsilon=1e-6)
+            nodes.insert(i + 1, n("Transpose", [f"{t}_n"], [f"{t}4"], perm=[0, 2, 1, 3]))
     for t in ("q", "k"):
+        src = f"{t}4"
+        if partial:
+            nodes += [n("Slice", [f"{t}4", "zero", "rdim", "ax_last", "one"], [f"{t}_part"]),
+                      n("Slice", [f"{t}4", "rdim", "dim", "ax_last", "one"], [f"{t}_pass"])]
+            src = f"{t}_part"
         nodes += [
-            n("Slice", [f"{t}4", "zero", "half", "ax_last", "one"], [f"{t}_lo"]),
-            n("Slice", [f"{t}4", "half", "end", "ax_last", "one"], [f"{t}_hi"]),
+            n("Slice", [src, "zero", "half", "ax_last", "one"], [f"{t}_lo"]),
+            n("Slice", [src, "half", "end", "ax_last", "one"], [f"{t}_hi"]),
             n("Neg", [f"{t}_hi"], [f"{t}_nhi"]), n("Concat", [f"{t}_nhi", f"{t}_lo"], [f"{t}_rot"], axis=-1),
-            n("Mul", [f"{t}4", "cos"], [f"{t}_c"]), n("Mul", [f"{t}_rot", "sin"], [f"{t}_s"]),
-            n("Add", [f"{t}_c", f"{t}_s"], [f"{t}_emb"]),
+            n("Mul", [src, "cos"], [f"{t}_c"]), n("Mul", [f"{t}_rot", "sin"], [f"{t}_s"]),
+            n("Add", [f"{t}_c", f"{t}_s"], [f"{t}_emb_part" if partial else f"{t}_emb"]),
         ]
+        if partial:
+            nodes.append(n("Concat", [f"{t}_emb_part", f"{t}_pass"], [f"{t}_emb"], axis=-1))
     for t in ("k", "v"):
         src = "k_emb" if t == "k" else "v4"
         nodes += [n("Unsqueeze", [src, "ax2"], [f"{t}_u"]), n("Expand", [f"{t}_u", "rep_shape"], [f"{t}_x"]),
@@ -148,7 +166,7 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True):
     if mask:
         inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [B, 1, S, S]))
     g = helper.make_graph(nodes, "attn", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23 if qk_norm else 18)])
     onnx.checker.check_model(proto)
     return graphopt.Model.from_proto(proto)
 
@@ -164,8 +182,9 @@ def _feeds(mask=True):
     return feeds
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(scale_op="Div"), dict(mask=False)], ids=["mul-scale", "div-scale",
-                                                                                            "no-mask"])
+@pytest.mark.parametrize("variant", [dict(), dict(scale_op="Div"), dict(mask=False), dict(partial=True),
+                                     dict(qk_norm=True), dict(partial=True, qk_norm=True)],
+                         ids=["mul-scale", "div-scale", "no-mask", "partial-rotary", "qk-norm", "partial-qk-norm"])
 def test_hand_built_variants(variant):
     model = _mha(**variant)
     out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse",
@@ -174,6 +193,9 @@ def test_hand_built_variants(variant):
     assert ops["Attention"] == 1 and ops["RotaryEmbedding"] == 2, dict(ops)
     att = next(n for n in out.graph.nodes if n.op == "Attention")
     assert (att.attrs["q_num_heads"], att.attrs["kv_num_heads"]) == (H, HKV)
+    rot = next(n for n in out.graph.nodes if n.op == "RotaryEmbedding")
+    assert rot.attrs.get("rotary_embedding_dim", 0) == (D // 2 if variant.get("partial") else 0)
+    assert ops.get("RMSNormalization", 0) == (2 if variant.get("qk_norm") else 0)
     assert att.attrs["scale"] == pytest.approx(D ** -0.5)
     feeds = _feeds(mask=variant.get("mask", True))
     np.testing.assert_allclose(run_ort(out, feeds)["y"], run_ort(model, feeds)["y"], atol=1e-5, rtol=0)
