@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 _OPEN_END = 2**31 - 1
 
 
+def _rotary_caches_match(node, model) -> str | None:
+    """onnxruntime's RotaryEmbedding-23 kernel wants cos/sin caches with exactly the input's
+    batch when no position ids are given ("expected to have the same shape as input 'x'"); the
+    spec broadcasts a batch of 1 and exporters write one. Refuse unless the shapes prove them
+    equal, so legalization splits such nodes back instead of onnxruntime failing at run time."""
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        return None
+    x, cos = node.inputs[0], node.inputs[1]
+    if x.shape and cos.shape and x.shape[0] == cos.shape[0]:
+        return None
+    return (f"its RotaryEmbedding needs cos/sin caches with the input's batch ({x.shape[0] if x.shape else '?'}), "
+            f"not {cos.shape[0] if cos.shape else 'unknown'}")
+
+
 class OnnxRuntimeExecutable(Executable):
     def __init__(self, session):
         self.session = session
@@ -65,7 +79,8 @@ class OnnxRuntimeBackend(Backend):
             key = (k.domain, k.op_name)
             old = seen.get(key, (lo, hi))
             seen[key] = (min(lo, old[0]), max(hi, old[1]))
-        table = [OpSupport(op, domain, lo, None if hi >= _OPEN_END else hi)
+        predicates = {("", "RotaryEmbedding"): _rotary_caches_match}
+        table = [OpSupport(op, domain, lo, None if hi >= _OPEN_END else hi, predicates.get((domain, op)))
                  for (domain, op), (lo, hi) in sorted(seen.items())]
         # Resolved by onnxruntime's graph loader, not by a kernel, so absent from the registry.
         table.append(OpSupport("Constant", "", 1, None, note="folded into an initializer at load"))

@@ -11,7 +11,9 @@
    defines for the op, built by onnx for the node's attributes and input types
    (:mod:`graphopt._expand`);
 3. the replacements may be unsupported themselves: the next round splits them
-   in turn.
+   in turn. (onnx cannot infer types through an op newer than the model's
+   opset, so a node after one may have untyped inputs; once the nodes before
+   it are split back, types are inferred again and its decomposition retried.)
 
 A ``Constant`` node a target does not run becomes an initializer. A node that
 is unsupported and has no decomposition is collected, and legalization ends
@@ -149,6 +151,7 @@ def legalize(model: Model, target: str | Backend, *, in_place: bool = False,
         _ensure_types(work, [n for n, _ in todo], registry)
         names = NameScope(graph)
         replaced: set[int] = set()
+        typed_at = 0  # replacements made when types were last inferred
         for node, reason in todo:
             if node.op == "Constant" and norm_domain(node.domain) == "" and _to_initializer(node):
                 replaced.add(id(node))
@@ -157,8 +160,19 @@ def legalize(model: Model, target: str | Backend, *, in_place: bool = False,
             try:
                 new, source = _decompose(node, work, registry)
             except CannotDecompose as e:
-                stuck[id(node)] = (node, reason, f"its decomposition does not apply: {e}")
-                continue
+                # Types stop at a node onnx cannot infer (an op newer than the model's opset);
+                # once the nodes before this one are split back they flow again: infer, retry.
+                if len(replaced) == typed_at or not _untyped([node]):
+                    stuck[id(node)] = (node, reason, f"its decomposition does not apply: {e}")
+                    continue
+                graph.nodes = [n for n in graph.nodes if id(n) not in replaced]
+                _ensure_types(work, [node], registry, force=True)
+                typed_at = len(replaced)
+                try:
+                    new, source = _decompose(node, work, registry)
+                except CannotDecompose as e2:
+                    stuck[id(node)] = (node, reason, f"its decomposition does not apply: {e2}")
+                    continue
             if new is None:
                 stuck[id(node)] = (node, reason, "")
                 continue
@@ -217,15 +231,18 @@ def _to_initializer(node: gs.Node) -> bool:
 def _ensure_types(model: Model, nodes: list[gs.Node], registry: Registry, *, force: bool = False) -> None:
     """Shape-infer the model when a node to split back has inputs of unknown dtype or rank
     (decompositions and onnx's function builder need them), or when ``force``."""
-    untyped = force or any(t.name and (t.dtype is None or t.shape is None) and not isinstance(t, gs.Constant)
-                           for n in nodes for t in n.inputs) or \
-        any(t.name and t.dtype is None for n in nodes for t in n.outputs)
-    if not untyped or "shape-inference" not in registry.passes:
+    if not (force or _untyped(nodes)) or "shape-inference" not in registry.passes:
         return
     try:
         registry.pass_class("shape-inference")().run(model, PassContext())
     except Exception as e:  # a graph onnx cannot infer: decompositions say what they miss
         logger.debug("shape inference before legalization failed: %s", e)
+
+
+def _untyped(nodes: list[gs.Node]) -> bool:
+    """Whether an input of ``nodes`` has an unknown dtype or rank, or an output an unknown dtype."""
+    return any(t.name and (t.dtype is None or t.shape is None) and not isinstance(t, gs.Constant)
+               for n in nodes for t in n.inputs) or any(t.name and t.dtype is None for n in nodes for t in n.outputs)
 
 
 def _decompose(node: gs.Node, model: Model, registry: Registry) -> tuple[list[gs.Node] | None, str]:

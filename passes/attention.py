@@ -156,6 +156,8 @@ class _Layer:
         self.present_k = self.present_v = self.past_k = self.past_v = None
         self.cos = self.sin = None
         self.rotary_dim: int | None = None
+        #: Exporter-emitted RotaryEmbeddings (opset-23 exports), per side: (cos, sin, position ids, attrs).
+        self.native: dict[str, tuple] = {}
         self.rule_parts: list[str] = []
         #: q/k whose heads were normalised per head: the normalised [B, S, H, D] tensor to flatten.
         self.normed: dict[str, gs.Tensor] = {}
@@ -246,8 +248,15 @@ class AttentionFuse(FusionPass):
                 root_shape = n.outputs[0].shape
         if root_shape is not None and isinstance(root_shape[-1], int) and root_shape[-1] != h * d:
             raise Reject(f"output reshaped to {root_shape[-1]} features, expected {h}·{d}")
+        if root_shape is None:
+            raise Reject("the rank of the attention output is unknown (run shape-inference first)")
+        if len(root_shape) not in (2, 3):
+            raise Reject(f"attention output reshaped to rank {len(root_shape)}")
+        layer.flat_output = len(root_shape) == 2  # GPT-2 flattens batch and sequence for its Conv1D
         if (layer.cos is None) != (layer.sin is None):
             raise Reject("rotary on only one of cos/sin")
+        if layer.native and set(layer.native) != {"q", "k"}:
+            raise Reject("the exporter's RotaryEmbedding is applied to only one of Q and K")
         if "rotary-q" in layer.rule_parts and "rotary-k" not in layer.rule_parts or \
                 "rotary-k" in layer.rule_parts and "rotary-q" not in layer.rule_parts:
             raise Reject("rotary embedding applied to only one of Q and K")
@@ -322,6 +331,9 @@ class AttentionFuse(FusionPass):
 
     def _peel_rotary(self, t: gs.Tensor, layer: _Layer, which: str) -> gs.Tensor:
         """The tensor under a full or partial rotary embedding of ``t`` (or ``t`` itself)."""
+        node = producer(t)
+        if node is not None and node.op == "RotaryEmbedding" and (node.domain or "") in ("", "ai.onnx"):
+            return self._native_rotary(node, layer, which)
         rot = _sub(ROTARY, t)
         if rot is not None:
             self._check_rotary(rot, layer, which)
@@ -344,6 +356,22 @@ class AttentionFuse(FusionPass):
             raise Reject(f"partial rotary slices [{r0}:{r}] + [{p0}:{p1}] do not split the head of {d}")
         self._check_rotary(rot, layer, which, rotary_dim=r)
         layer.nodes += part.nodes + rot.nodes + [lead]
+        return x
+
+    @staticmethod
+    def _native_rotary(node: gs.Node, layer: _Layer, which: str) -> gs.Tensor:
+        """A standard RotaryEmbedding the exporter already emitted on the 4-D heads: the fused
+        op applies the same one (same caches, position ids and attributes) to the 3-D input."""
+        x = node.inputs[0]
+        if x.shape is None or len(x.shape) != 4:
+            raise Reject("the exporter's RotaryEmbedding is not on [B, H, S, D] heads")
+        attrs = {k: node.attrs[k] for k in ("interleaved", "rotary_embedding_dim") if node.attrs.get(k)}
+        pos = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        layer.native[which] = (node.inputs[1], node.inputs[2], pos, attrs)
+        layer.cos, layer.sin = node.inputs[1], node.inputs[2]  # marks "rotary present" for the checks
+        layer.rotary_dim = int(attrs.get("rotary_embedding_dim", 0))
+        layer.nodes.append(node)
+        layer.rule_parts.append(f"rotary-{which}")
         return x
 
     def _check_rotary(self, rot: Match, layer: _Layer, which: str, rotary_dim: int | None = None) -> None:
@@ -374,7 +402,16 @@ class AttentionFuse(FusionPass):
             q = self._flatten(graph, layer.normed["q"], layer.h * layer.d)
         if "k" in layer.normed:
             k = self._flatten(graph, layer.normed["k"], layer.hkv * layer.d)
-        if layer.cos is not None:
+        if layer.native:  # reuse the exporter's caches as they are
+            if set(layer.native) != {"q", "k"}:
+                raise AssertionError("checked in _resolve")
+            for side in ("q", "k"):
+                cos, sin, pos, attrs = layer.native[side]
+                heads = layer.h if side == "q" else layer.hkv
+                x = self._rotary(graph, q if side == "q" else k, cos, sin, heads, attrs=attrs,
+                                 extra=[pos] if pos is not None else [])
+                q, k = (x, k) if side == "q" else (q, x)
+        elif layer.cos is not None:
             rdim = layer.rotary_dim or layer.d
             cos_half = self._half_table(graph, layer.cos, "Cos", rdim, halves)
             sin_half = self._half_table(graph, layer.sin, "Sin", rdim, halves)
@@ -383,7 +420,10 @@ class AttentionFuse(FusionPass):
         empty = gs.Variable.empty
         mask = self._clamped(graph, layer.mask, halves) if layer.mask is not None else empty()
         inputs = [q, k, v, mask]
-        outputs = [root]
+        y = root
+        if getattr(layer, "flat_output", False):  # Attention gives [B, S, H·D]; the export wanted [B·S, H·D]
+            y = gs.Variable(unique_name(graph, f"{root.name}_bsd"), root.dtype, None)
+        outputs = [y]
         if layer.past_k is not None and layer.past_v is not None:
             inputs += [layer.past_k, layer.past_v]
             outputs += [layer.present_k, layer.present_v]
@@ -392,7 +432,13 @@ class AttentionFuse(FusionPass):
         node = gs.Node("Attention", unique_name(graph, f"Attention_{root.name}"),
                        attrs={"q_num_heads": layer.h, "kv_num_heads": layer.hkv, "scale": layer.scale},
                        inputs=inputs)
-        fuse(graph, outputs, node, rule, replaced=layer.nodes)
+        fuse(graph, outputs if y is root else [root, *outputs[1:]], node, rule, replaced=layer.nodes)
+        if y is not root:
+            node.outputs[0] = y
+            flat = gs.Constant(unique_name(graph, f"{root.name}_flat_shape"),
+                               np.array([-1, layer.h * layer.d], np.int64))
+            graph.nodes.append(gs.Node("Reshape", unique_name(graph, f"Reshape_{root.name}_flat"),
+                                       inputs=[y, flat], outputs=[root]))
 
     @staticmethod
     def _clamped(graph: gs.Graph, mask: gs.Tensor, cache: dict[int, gs.Tensor]) -> gs.Tensor:
@@ -428,13 +474,13 @@ class AttentionFuse(FusionPass):
 
     @staticmethod
     def _rotary(graph: gs.Graph, x3: gs.Tensor, cos: gs.Tensor, sin: gs.Tensor, heads: int,
-                rotary_dim: int | None = None) -> gs.Tensor:
+                rotary_dim: int | None = None, attrs: dict | None = None, extra: list = ()) -> gs.Tensor:
         out = gs.Variable(unique_name(graph, f"{x3.name}_rotary"), x3.dtype, x3.shape)
-        attrs = {"num_heads": heads}
+        attrs = {**(attrs or {}), "num_heads": heads}
         if rotary_dim:
             attrs["rotary_embedding_dim"] = rotary_dim
         node = gs.Node("RotaryEmbedding", unique_name(graph, f"RotaryEmbedding_{x3.name}"),
-                       attrs=attrs, inputs=[x3, cos, sin], outputs=[out])
+                       attrs=attrs, inputs=[x3, cos, sin, *extra], outputs=[out])
         node.meta = {"graphopt.rule": "rotary-rotate-half"}
         graph.nodes.append(node)
         return out

@@ -422,6 +422,62 @@ def matmul_nbits(node: gs.Node, model: Model) -> list[gs.Node]:
     return b.nodes
 
 
+#: Codes a blocked ``DequantizeLinear`` widens to float32 with a per-tensor ``DequantizeLinear`` (scale 1)
+#: (2/4-bit types: the cpu backend has no ``Cast`` from them), or with ``Cast`` (exact in float32).
+_WIDEN_BY_DQ = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2}
+_WIDEN_BY_CAST = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16}
+
+
+def dequantize_linear(node: gs.Node, model: Model) -> list[gs.Node]:
+    """Blocked ``DequantizeLinear`` (``block_size`` > 0) → the codes (and zero points) widened to
+    float32, ``(codes − zero point) · scale`` on a ``[…, blocks, block, …]`` view, cast to the
+    output type; for targets that run only per-tensor / per-axis ``DequantizeLinear``.
+
+    Needs the input's static shape (weights are constants); a partial last block is filled
+    up with zeros (``Concat``) and sliced off again.
+    """
+    a = node.attrs
+    block = int(a.get("block_size", 0))
+    refuse_if(block <= 0, "only a blocked DequantizeLinear (block_size > 0) is split back")
+    x, scale, zp = node.inputs[0], node.inputs[1], input_at(node, 2)
+    qtype = onnx_dtype(x)
+    refuse_if(qtype not in _WIDEN_BY_DQ | _WIDEN_BY_CAST,
+              f"input type {TensorProto.DataType.Name(qtype) if qtype else 'unknown'} is not supported")
+    shape = [static_dim(x, i) for i in range(rank_of(x) or 0)]
+    refuse_if(not shape or None in shape, "the input's shape must be static")
+    axis = int(a.get("axis", 1)) % len(shape)
+    k, blocks = shape[axis], -(-shape[axis] // block)
+    out_type = int(a.get("output_dtype", 0) or 0) or onnx_dtype(scale) or TensorProto.FLOAT
+    b = Builder(node, model)
+
+    def widen(t: Tensor, padded: bool) -> Tensor:
+        if qtype in _WIDEN_BY_DQ:
+            wide = b.op("DequantizeLinear", [t, b.const(np.float32(1.0), hint="one")], dtype=np.float32)
+        else:
+            wide = b.op("Cast", [t], {"to": TensorProto.FLOAT}, dtype=np.float32)
+        if padded and blocks * block != k:  # zeros up to whole blocks
+            zeros = np.zeros([*shape[:axis], blocks * block - k, *shape[axis + 1:]], np.float32)
+            wide = b.op("Concat", [wide, b.const(zeros, hint="pad")], {"axis": axis}, dtype=np.float32)
+        return wide
+
+    view = b.op("Reshape", [widen(x, True), b.ints(*shape[:axis], blocks, block, *shape[axis + 1:])],
+                dtype=np.float32)
+    if zp is not None:
+        view = b.op("Sub", [view, b.unsqueeze(widen(zp, False), [axis + 1])], dtype=np.float32)
+    s = scale if onnx_dtype(scale) == TensorProto.FLOAT else b.cast(scale, TensorProto.FLOAT)
+    y = b.op("Mul", [view, b.unsqueeze(s, [axis + 1])], dtype=np.float32)
+    last = out_type == TensorProto.FLOAT and blocks * block == k
+    y = b.op("Reshape", [y, b.ints(*shape[:axis], blocks * block, *shape[axis + 1:])],
+             outputs=[node.outputs[0]] if last else 1, dtype=np.float32)
+    if blocks * block != k:
+        last = out_type == TensorProto.FLOAT
+        y = b.op("Slice", [y, b.ints(0), b.ints(k), b.ints(axis)], outputs=[node.outputs[0]] if last else 1,
+                 dtype=np.float32)
+    if not last:
+        b.op("Cast", [y], {"to": out_type}, outputs=[node.outputs[0]])
+    return b.nodes
+
+
 #: (domain, op type) → decomposition. Registered by ``graphopt.passes`` through the
 #: ``graphopt_register_decompositions`` hook, exactly as a third-party plugin would
 #: (with :data:`graphopt.passes.decompose_attention.ATTENTION_DECOMPOSITIONS`).
@@ -432,6 +488,7 @@ DECOMPOSITIONS: dict[tuple[str, str], Callable[[gs.Node, Model], list[gs.Node] |
     (MS, "SkipLayerNormalization"): skip_layer_norm,
     ("", "RotaryEmbedding"): rotary_embedding,
     (MS, "RotaryEmbedding"): ms_rotary_embedding,
+    ("", "DequantizeLinear"): dequantize_linear,
     (MS, "MatMulNBits"): matmul_nbits,
     (MS, "FastGelu"): fast_gelu,
     (MS, "BiasGelu"): bias_gelu,

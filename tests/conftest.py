@@ -11,7 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIXTURE_MODELS = sorted(FIXTURES.glob("*-*-*.onnx"))
+#: The core set: Llama (untied) and Qwen2 (tied) × dynamo/TorchScript × prefill/decode.
+FIXTURE_MODELS = sorted(FIXTURES / f"{m}-{e}-{g}.onnx" for m in ("llama", "qwen2")
+                        for e in ("dynamo", "torchscript") for g in ("prefill", "decode"))
+#: Other architectures and exporter settings, for generalisation (see tests/fixtures/README.md).
+ARCH_MODELS = sorted(p for p in FIXTURES.glob("*-dynamo*-*.onnx")
+                     if p not in FIXTURE_MODELS and not p.name.startswith(("gpt2", "ort-")))
+CONTROL_MODELS = sorted(FIXTURES.glob("gpt2-*.onnx"))
 
 
 def fixture_ids() -> list[str]:
@@ -21,6 +27,12 @@ def fixture_ids() -> list[str]:
 @pytest.fixture(params=FIXTURE_MODELS, ids=fixture_ids())
 def fixture_model(request) -> Path:
     """Each exported decoder fixture (llama/qwen2 × dynamo/torchscript × prefill/decode)."""
+    return request.param
+
+
+@pytest.fixture(params=ARCH_MODELS, ids=[p.stem for p in ARCH_MODELS])
+def arch_model(request) -> Path:
+    """Gemma, Qwen3, Mistral, Phi-3 and an opset-23 Llama export (dynamo exporter)."""
     return request.param
 
 

@@ -210,3 +210,64 @@ def test_refused_with_reason(variant, reason):
     out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse"], explain=True)
     assert "Attention" not in out.op_histogram()
     assert any(reason in n for n in out.notes), out.notes
+
+
+# ----------------------------------------------------- other architectures
+EXPECTED_NORMS = {"qwen3": 9}  # 2 layers x (2 + q/k per-head norms) + final
+
+
+def _compare(a: dict, b: dict, atol: float) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in b)
+
+
+def test_other_architectures_fuse_fully(arch_model):
+    from conftest import ARCH_MODELS  # noqa: F401  (the fixture's source)
+
+    model = graphopt.load(arch_model)
+    out = graphopt.optimize(model, target="cpu", verify=True, explain=True)
+    family = arch_model.name.split("-")[0]
+    ops = out.op_histogram()
+    layers = sum(1 for n in model.graph.nodes if n.op == "Softmax")
+    assert ops["Attention"] == layers, out.notes
+    assert ops["RMSNormalization"] == EXPECTED_NORMS.get(family, 2 * layers + 1)
+    assert ops["RotaryEmbedding"] == 2 * layers
+    if family == "phi3":
+        assert {n.attrs.get("rotary_embedding_dim") for n in out.graph.nodes if n.op == "RotaryEmbedding"} == {8}
+    assert out.node_count() <= 0.65 * model.node_count()
+    feeds, expected = split_reference(arch_model)
+    unfused = graphopt.compile(model, "cpu").run(feeds)
+    fused = graphopt.compile(out, "cpu").run(feeds)
+    assert _compare(fused, unfused, 1e-5) <= 1e-5
+    assert _compare(fused, expected, 1e-4) <= 1e-4
+    try:
+        ort_unfused = run_ort(model, feeds)
+    except Exception:  # onnxruntime refuses some exporter-emitted opset-23 RotaryEmbedding nodes
+        ort_unfused = None
+    ort_fused = graphopt.compile(out, "onnxruntime").run(feeds)
+    assert _compare(ort_fused, expected, 1e-4) <= 1e-4
+    if ort_unfused is not None:
+        assert _compare(ort_fused, ort_unfused, 1e-5) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen3", "mistral", "phi3"])
+def test_other_architectures_greedy_tokens(family):
+    ref = np.load(FIXTURES / f"{family}-greedy.npz")
+    out = graphopt.optimize(graphopt.load(FIXTURES / f"{family}-dynamo-decode.onnx"), target="cpu")
+    assert generate(out, ref["prompt_ids"].tolist(), 32, "cpu") == ref["tokens"].tolist()
+
+
+def test_gpt2_negative_control():
+    from conftest import CONTROL_MODELS
+
+    (path,) = CONTROL_MODELS
+    model = graphopt.load(path)
+    out = graphopt.optimize(model, target="cpu", verify=True)
+    ops = out.op_histogram()
+    # LayerNorm is not an RMS norm and GPT-2 has no rotary: neither may be "fused" into one.
+    assert "RMSNormalization" not in ops and "RotaryEmbedding" not in ops
+    # Its plain multi-head attention may fuse, into Attention without rotary, and must stay exact.
+    assert all(fused_by(n) in ("attention", "attention-kvcache") for n in out.graph.nodes if n.op == "Attention")
+    feeds, expected = split_reference(path)
+    got = graphopt.compile(out, "cpu").run(feeds)
+    assert _compare(got, expected, 1e-4) <= 1e-4
+    assert _compare(run_ort(out, feeds), run_ort(model, feeds), 1e-5) <= 1e-5
