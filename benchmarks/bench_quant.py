@@ -797,8 +797,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--decode-runs", type=int, default=30)
     ap.add_argument("--decode-rounds", type=int, default=3, help="fresh processes per decode configuration")
-    ap.add_argument("--idle-wait", type=float, default=30.0,
-                    help="before each timed run (not the fixtures), wait at most this long for CPUs < 30%% busy")
+    ap.add_argument("--idle-wait", type=float,
+                    help="before each timed run (not the fixtures), wait at most this long for CPUs < 30%% busy "
+                         "(default 30 s; 0 with --quick)")
     ap.add_argument("--profile", action="store_true", help="cProfile graphopt rtn on the largest model run")
     ap.add_argument("--keep", action="store_true", help="keep every quantized model")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -823,7 +824,7 @@ def main(argv=None) -> int:
 
 def bench(args, console) -> int:
     args.workdir = args.workdir.resolve()
-    IDLE["max_wait"] = args.idle_wait
+    IDLE["max_wait"] = args.idle_wait if args.idle_wait is not None else (0.0 if args.quick else 30.0)
     args.workdir.mkdir(parents=True, exist_ok=True)
     # onnxruntime's quantizer needs onnx_ir.
     py = args.ort_python or sys.executable
