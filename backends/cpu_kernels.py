@@ -371,6 +371,8 @@ def _gemm(n: KNode) -> Kernel:
     ta, tb = int(n.attr("transA", 0)), int(n.attr("transB", 0))
 
     def run(a, b, c=None):
+        if a.ndim != 2 or b.ndim != 2:  # the spec's contract; numpy would quietly broadcast
+            raise ValueError(f"Gemm needs 2-D A and B, got ranks {a.ndim} and {b.ndim}")
         a = a.T if ta else a
         b = b.T if tb else b
         y = a @ b
