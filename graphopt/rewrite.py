@@ -101,10 +101,20 @@ def fused_by(node: gs.Node) -> str | None:
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not used in ``graph`` yet."""
-    used = set(graph.tensors()) | {n.name for n in graph.nodes}
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    return name
+    """A tensor/node name not used in ``graph`` yet (walks the graph: use :class:`Namer` in loops)."""
+    return Namer(graph)(base)
+
+
+class Namer:
+    """Hands out names unused in ``graph``, remembering the ones it gave (one graph walk)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
