@@ -52,7 +52,7 @@ class OnnxRuntimeBackend(Backend):
     summary = "onnxruntime CPU execution provider (reference runtime; extra 'ort')"
 
     def __init__(self, *, threads: int | None = None, optimization: str = "basic",
-                 accuracy_level: int | None = 0):
+                 accuracy_level: int | None = 0, spinning: bool = True):
         """``accuracy_level``: what onnxruntime's MatMulNBits (which it makes of
         ``DequantizeLinear → MatMul``) computes in: 0 keeps activations in float (the
         reference; slow for 4-bit weights), 4 quantizes them to int8 (onnxruntime's
@@ -60,6 +60,8 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.optimization = optimization
         self.accuracy_level = accuracy_level
+        #: False stops idle worker threads from spinning: needed when several sessions take turns.
+        self.spinning = spinning
 
     def available(self) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -102,6 +104,8 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if not self.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
             model.save(path)

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                   "prefill": build_inputs(model, InputSpec(batch=1, seq=args.prefill, past=0, left_pad=0))}
         results = []
         for engine in args.engines.split(","):
-            backend = OnnxRuntimeBackend(threads=args.threads, optimization="all") if engine == "onnxruntime" \
+            # two sessions take turns: idle threads must not spin, or each slows the other
+            backend = OnnxRuntimeBackend(threads=args.threads, optimization="all", spinning=False) \
+                if engine == "onnxruntime" \
                 else graphopt.get_backend(engine)
             exes = {"unfused": graphopt.compile(graphopt.load(path), backend),
                     "fused": graphopt.compile(graphopt.load(fused_path), backend)}

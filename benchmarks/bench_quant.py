@@ -505,6 +505,18 @@ def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def source_state() -> dict:
+    """The graphopt sources measured: git HEAD, and a hash of the quantize pass (concurrent edits show)."""
+    import hashlib
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "passes", "graphopt", "backends"],
+                           capture_output=True, text=True)
+    qpath = ROOT / "passes" / "quantize.py"
+    return {"git_head": head.stdout.strip() or None, "sources_modified": [ln[3:] for ln in dirty.stdout.splitlines()],
+            "quantize_py_sha1": hashlib.sha1(qpath.read_bytes()).hexdigest()[:12] if qpath.is_file() else None}
+
+
 def load_avg() -> str:
     try:
         return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
@@ -867,7 +879,7 @@ def bench(args, console) -> int:
                                     "onnxruntime_quantizer": f"{ort_version} ({py})",
                                     "cpus": os.cpu_count(), "machine": platform.machine(),
                                     "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                                    "load_start": load_avg()},
+                                    "load_start": load_avg(), "sources_start": source_state()},
                     "method": {"prep_passes": PREP_PASSES, "graphopt_passes": QUANT_PASSES,
                                "graphopt_options": "quant_lm_bits=quant_bits, quant_symmetric=True, "
                                                    "embedding not quantized",
@@ -876,12 +888,16 @@ def bench(args, console) -> int:
                                "time": "in-process load -> quantize -> save (fsync) after imports; 'process' adds "
                                        "interpreter start and imports"},
                     "models": {}}
-    console.print(f"graphopt {graphopt.__version__}, onnxruntime {onnxruntime.__version__} (quantizer: {py}), "
-                  f"{os.cpu_count()} CPUs, load average at start {load_avg()}")
+    console.print(f"graphopt {graphopt.__version__} ({report['environment']['sources_start']}), onnxruntime "
+                  f"{onnxruntime.__version__} (quantizer: {py}), {os.cpu_count()} CPUs, load average at start {load_avg()}")
     t0 = time.perf_counter()
     for k in keys:
         bench_model(specs[k], args, console, report)
     report["environment"]["load_end"] = load_avg()
+    report["environment"]["sources_end"] = source_state()
+    if report["environment"]["sources_end"] != report["environment"]["sources_start"]:
+        console.print(f"[bold red]graphopt's sources changed during the run[/]: start "
+                      f"{report['environment']['sources_start']}, end {report['environment']['sources_end']}")
     report["wall_s"] = time.perf_counter() - t0
     if args.profile:
         big = next((k for k in reversed(keys)), None)
