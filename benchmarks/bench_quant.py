@@ -387,16 +387,17 @@ def child_profile(p: dict) -> dict:
         cum[key] = max(cum.get(key, 0.0), v[3])
     watch = {  # the parts of the quantize pass and of the pipeline around it (cumulative seconds)
         "graphopt.load": "_ir.py:load", "optimize (all passes + legalize)": "_api.py:optimize",
-        "quantize pass": "quantize.py:run", "  weight values (proto -> numpy)": "tensor.py:values",
-        "  quantize_blocks (scales, round, clip)": "quantize.py:quantize_blocks",
-        "  dequantize_blocks (for the error figure)": "quantize.py:dequantize_blocks",
-        "  error_stats (float64 RMS error)": "quantize.py:error_stats",
-        "  _tensor (int4 packing)": "quantize.py:_tensor", "  unique_name (graph.tensors() per call)":
-        "rewrite.py:unique_name", "  ensure_opset (upgrade to 21)": "_opset.py:ensure_opset",
-        "tie-embedding-dedupe": "tie_embedding.py:run", "Model.save": "_ir.py:save",
-        "  to_onnx (export)": "_ir.py:to_onnx", "  SerializeToString": "~:<method 'SerializeToString' of "
-        "'google._upb._message.Message' objects>", "  fsync": "~:<built-in method posix.fsync>"}
-    breakdown = {label: round(cum.get(key, 0.0), 3) for label, key in watch.items()}
+        "quantize pass": "quantize.py:run", "  quantize_blocks (scales, round, clip, search)":
+        "quantize.py:quantize_blocks", "    _stats (per-weight error figure)": "quantize.py:_stats",
+        "    error_stats (per-weight error figure)": "quantize.py:error_stats",
+        "  _tensor (int4 packing, onnx _pack_4bitx2)": "quantize.py:_tensor",
+        "  _importance (activation statistics run)": "quantize.py:_importance",
+        "  ensure_opset (upgrade to 21)": "_opset.py:ensure_opset", "tie-embedding-dedupe": "tie_embedding.py:run",
+        "Model.save": "_ir.py:save", "  to_onnx (export)": "_ir.py:to_onnx",
+        "  _write_external (external data)": "_ir.py:_write_external",
+        "  SerializeToString": "~:<method 'SerializeToString' of 'google._upb._message.Message' objects>",
+        "  fsync": "~:<built-in method posix.fsync>"}
+    breakdown = {label: round(cum[key], 3) for label, key in watch.items() if key in cum}
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(p.get("top", 20))
     return {"wall_profiled_s": t2 - t0, "optimize_s": t1 - t0, "save_s": t2 - t1,
