@@ -71,24 +71,6 @@ def op_label(node: gs.Node) -> str:
     return f"{domain}::{node.op}" if domain else node.op
 
 
-class NameScope:
-    """Fresh tensor and node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
-        for t in list(graph.inputs) + list(graph.outputs):
-            self.used.add(t.name)
-
-    def fresh(self, base: str) -> str:
-        base = base or "t"
-        name, i = base, 1
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
-
-
 def _schema(op: str, domain: str, opset: int | None) -> onnx.defs.OpSchema | None:
     try:
         return onnx.defs.get_schema(op, opset if opset is not None else onnx.defs.onnx_opset_version(), domain)

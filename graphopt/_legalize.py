@@ -40,11 +40,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt._errors import BackendError, PluginError
-from graphopt._expand import (CannotDecompose, NameScope, expand_function, is_noop_reshape, merge_reshape_chain,
+from graphopt._expand import (CannotDecompose, expand_function, is_noop_reshape, merge_reshape_chain,
                               norm_domain, op_label, opset_problem)
 from graphopt._ir import Model
 from graphopt._pipeline import PassContext, PassStats
-from graphopt.rewrite import bypass, remove_dead
+from graphopt.rewrite import Namer, bypass, remove_dead
 
 if TYPE_CHECKING:
     from graphopt._backend import Backend
@@ -149,7 +149,7 @@ def legalize(model: Model, target: str | Backend, *, in_place: bool = False,
             raise LegalizeError(f"legalization for {backend.name} did not converge after {MAX_ROUNDS} rounds: "
                                 f"still unsupported: {left} (a decomposition keeps re-creating its op)")
         _ensure_types(work, [n for n, _ in todo], registry)
-        names = NameScope(graph)
+        names = Namer(graph)
         replaced: set[int] = set()
         typed_at = 0  # replacements made when types were last inferred
         for node, reason in todo:
@@ -286,7 +286,7 @@ def _unlink_new(node: gs.Node, before: set[int]) -> None:
         n.outputs.clear()
 
 
-def _splice(graph: gs.Graph, node: gs.Node, new: list[gs.Node], names: NameScope, source: str) -> None:
+def _splice(graph: gs.Graph, node: gs.Node, new: list[gs.Node], names: Namer, source: str) -> None:
     """Put ``new`` in place of ``node``: same input and output tensors, fresh unique names inside."""
     if not all(isinstance(n, gs.Node) for n in new):
         raise PluginError(f"the decomposition of {op_label(node)} from {source!r} must return a list of nodes")
@@ -310,11 +310,11 @@ def _splice(graph: gs.Graph, node: gs.Node, new: list[gs.Node], names: NameScope
     prefix = node.name or node.op
     renamed: set[int] = set()
     for n in new:
-        n.name = names.fresh(f"{prefix}/{n.name or n.op}")
+        n.name = names(f"{prefix}/{n.name or n.op}")
         for t in list(n.inputs) + list(n.outputs):
             if t.name and id(t) not in keep and id(t) not in renamed:
                 renamed.add(id(t))
-                t.name = names.fresh(t.name if t.name.startswith(prefix + "/") else f"{prefix}/{t.name}")
+                t.name = names(t.name if t.name.startswith(prefix + "/") else f"{prefix}/{t.name}")
     graph.nodes.extend(new)
 
 

@@ -112,6 +112,7 @@ class Namer:
         self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def __call__(self, base: str) -> str:
+        base = base or "t"
         name, i = base, 0
         while name in self.used:
             i += 1
