@@ -549,24 +549,20 @@ def _slice(n: KNode) -> Kernel:
     return run
 
 
-@kernel("Gather", since=1)
-def _gather(n: KNode) -> Kernel:
-    axis = int(n.attr("axis", 0))
+def _gather_along(take: Callable) -> Factory:
+    """Gather / GatherElements: negative indices count from the end of ``axis``."""
+    def factory(n: KNode) -> Kernel:
+        axis = int(n.attr("axis", 0))
 
-    def run(x, idx):
-        idx = np.where(idx < 0, idx + x.shape[axis], idx)
-        return np.take(x, idx, axis=axis)
-    return run
+        def run(x, idx):
+            idx = np.where(idx < 0, idx + x.shape[axis], idx)
+            return take(x, idx, axis=axis)
+        return run
+    return factory
 
 
-@kernel("GatherElements", since=11)
-def _gather_elements(n: KNode) -> Kernel:
-    axis = int(n.attr("axis", 0))
-
-    def run(x, idx):
-        idx = np.where(idx < 0, idx + x.shape[axis], idx)
-        return np.take_along_axis(x, idx, axis=axis)
-    return run
+kernel("Gather", since=1)(_gather_along(np.take))
+kernel("GatherElements", since=11)(_gather_along(np.take_along_axis))
 
 
 @kernel("GatherND", since=11)
