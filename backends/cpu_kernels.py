@@ -529,24 +529,28 @@ def _split(n: KNode) -> Kernel:
     return run
 
 
+def slice_index(shape: tuple, starts, ends, axes=None, steps=None) -> tuple:
+    """The Python index of an ONNX ``Slice`` (clamped starts/ends, negative axes and steps)."""
+    rank = len(shape)
+    axes = range(len(starts)) if axes is None else [int(a) % rank for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * rank
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        dim, s, e, st = shape[a], int(s), int(e), int(st)
+        if st > 0:
+            s = min(max(s + dim if s < 0 else s, 0), dim)
+            e = min(max(e + dim if e < 0 else e, 0), dim)
+        else:
+            s = min(max(s + dim if s < 0 else s, 0), dim - 1)
+            e = min(max(e + dim if e < 0 else e, -1), dim - 1)
+            e = None if e < 0 else e
+        index[a] = slice(s, e, st)
+    return tuple(index)
+
+
 @kernel("Slice", since=10)
 def _slice(n: KNode) -> Kernel:
-    def run(x, starts, ends, axes=None, steps=None):
-        axes = range(len(starts)) if axes is None else [int(a) % x.ndim for a in axes]
-        steps = [1] * len(starts) if steps is None else steps
-        index = [slice(None)] * x.ndim
-        for a, s, e, st in zip(axes, starts, ends, steps):
-            dim, s, e, st = x.shape[a], int(s), int(e), int(st)
-            if st > 0:
-                s = min(max(s + dim if s < 0 else s, 0), dim)
-                e = min(max(e + dim if e < 0 else e, 0), dim)
-            else:
-                s = min(max(s + dim if s < 0 else s, 0), dim - 1)
-                e = min(max(e + dim if e < 0 else e, -1), dim - 1)
-                e = None if e < 0 else e
-            index[a] = slice(s, e, st)
-        return x[tuple(index)]
-    return run
+    return lambda x, starts, ends, axes=None, steps=None: x[slice_index(x.shape, starts, ends, axes, steps)]
 
 
 def _gather_along(take: Callable) -> Factory:

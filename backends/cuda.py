@@ -1,23 +1,23 @@
-"""The ``cuda`` target: its capability table, importable and queryable without a GPU.
+"""The ``cuda`` target: NVIDIA GPUs through CuPy (extra ``cuda``).
 
-Until the CuPy kernels exist, this table is the contract the CUDA backend
-commits to: elementwise and reduction kernels, cuBLAS matmuls, the shape and
-indexing ops an LLM decoder uses, fused ``RMSNormalization`` and block-wise
-``DequantizeLinear`` (which the backend will fuse with the ``MatMul`` it feeds).
-It does not declare fused ``Attention``, ``RotaryEmbedding``,
-``LayerNormalization`` or ``Gelu``: ``graphopt optimize --target cuda``
-splits them back into primitives it does declare, so the written model runs on
-the backend as soon as it exists, and in onnxruntime today.
+The declared table is built from the device implementations in
+:mod:`graphopt.backends.cuda_ops` (elementwise, reductions, cuBLAS matmuls, the shape
+and indexing ops an LLM decoder uses, a fused ``RMSNormalization`` kernel, softmax,
+block-wise ``DequantizeLinear`` fused with the ``MatMul``/``Gather`` it feeds), each
+narrowed by dtype predicates. It does not declare fused ``Attention``,
+``RotaryEmbedding``, ``LayerNormalization`` or ``Gelu``: legalization splits them
+back into primitives it does declare.
 
-Importing this module never imports CuPy. :meth:`CudaBackend.available` says
-why it cannot compile here; :meth:`CudaBackend.compile` raises a
-:class:`BackendError` saying the same.
+Importing this module never imports CuPy: the table is queryable on any machine.
+:meth:`CudaBackend.available` says why it cannot compile here (no CuPy, no GPU).
+``CudaBackend(emulate=True)`` runs the same runtime with numpy standing in for the
+device (the hand-written CUDA kernels are replaced by their array twins): that is how
+the backend's logic is tested without a GPU; it is not a fast CPU target.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,8 +30,8 @@ from graphopt._errors import BackendError
 if TYPE_CHECKING:
     from graphopt._ir import Model
 
-#: Element types the kernels will handle (ONNX type names).
-FLOATS = {"float", "float16", "bfloat16"}
+#: Element types the kernels handle (ONNX type names); CuPy has no bfloat16.
+FLOATS = {"float", "float16"}
 INDEX = {"int64", "int32"}
 ELEMENT = FLOATS | INDEX | {"bool", "int8", "uint8"}
 QUANTIZED = {"int4", "uint4", "int8", "uint8"}
@@ -57,6 +57,8 @@ def dtypes_in(allowed: set[str]):
         for t in list(node.inputs) + list(node.outputs):
             if not t.name:
                 continue
+            if getattr(t, "type", "tensor_type") != "tensor_type":
+                return f"{t.name!r} is a {t.type.replace('_type', '')}, only tensors are supported"
             name = _type_name(t)
             if name is not None and name not in allowed:
                 return f"dtype {name} of {t.name!r} is not supported"
@@ -84,18 +86,7 @@ def _rms_check(node: gs.Node, model: Model) -> str | None:
     return dtypes_in(FLOATS)(node, model)
 
 
-#: Elementwise, reductions, matmuls and softmax.
-_COMPUTE_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Tanh",
-                "Erf", "Sigmoid", "Relu", "Sin", "Cos", "Floor", "Ceil", "Clip", "Max", "Min", "Sum", "Mod",
-                "Where", "Softmax", "LogSoftmax", "MatMul", "Gemm", "ReduceMean", "ReduceSum", "ReduceMax",
-                "ReduceMin", "ArgMax", "TopK", "CumSum", "Trilu")
-#: Comparisons and logic (bool results).
-_LOGIC_OPS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Not", "IsNaN", "IsInf")
-#: Data movement, shapes and indexing.
-_MOVE_OPS = ("Identity", "Cast", "Shape", "Size", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
-             "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "ScatterND", "Expand", "Tile",
-             "Range", "ConstantOfShape", "Constant")
-#: The oldest opset the kernels follow (axes as inputs for Squeeze/Unsqueeze/ReduceSum/Split, modern Softmax).
+#: The oldest opset the device kernels follow (axes as inputs for Squeeze/Unsqueeze/ReduceSum/Split).
 MIN_OPSET = 13
 
 
@@ -109,36 +100,73 @@ def _versions(op: str) -> tuple[int, int]:
 
 
 def capability_table() -> list[OpSupport]:
-    """The declared ops. Each covers its op from opset 13 up to the newest version onnx
-    knows today (a later revision with new semantics is not covered until it is checked)."""
-    table = [OpSupport(op, "", *_versions(op), predicate=dtypes_in(ELEMENT))
-             for op in _COMPUTE_OPS + _LOGIC_OPS + _MOVE_OPS]
-    table.append(OpSupport("RMSNormalization", "", *_versions("RMSNormalization"), predicate=_rms_check,
-                           note="fused kernel, float32 accumulation"))
-    table.append(OpSupport("DequantizeLinear", "", 21, _versions("DequantizeLinear")[1],
-                           predicate=_dequantize_check, note="block-wise weights; fused with the MatMul they feed"))
+    """The declared ops: every op with a device implementation, from opset 13 (or the op's
+    first version) up to the newest version onnx knows today."""
+    from graphopt.backends.cuda_ops import DEVICE_OPS
+
+    table = []
+    for (domain, op) in sorted(DEVICE_OPS):
+        if domain:
+            continue  # the runtime's own fused nodes are never declared
+        since, until = _versions(op)
+        if op == "DequantizeLinear":
+            table.append(OpSupport(op, "", 21, until, predicate=_dequantize_check,
+                                   note="block-wise constant weights; fused with the MatMul/Gather they feed"))
+        elif op == "RMSNormalization":
+            table.append(OpSupport(op, "", since, until, predicate=_rms_check,
+                                   note="fused kernel, float32 accumulation"))
+        else:
+            table.append(OpSupport(op, "", since, until, predicate=dtypes_in(ELEMENT)))
     return table
+
+
+def _gpu_problem() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'graphopt[cuda]'; needs an NVIDIA GPU)"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, driver too old, ...
+        return f"CuPy finds no usable GPU ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if count < 1:
+        return "CuPy finds no GPU"
+    return None
 
 
 class CudaBackend(Backend):
     name = "cuda"
     device = "cuda"
-    summary = "NVIDIA GPUs through CuPy (capability table only: kernels not implemented yet; extra 'cuda')"
+    summary = "NVIDIA GPUs through CuPy (extra 'cuda'): cuBLAS, fused RMSNorm, int4/int8 dequant-matmul"
+
+    def __init__(self, emulate: bool = False, graphs: bool = False):
+        #: numpy stands in for the device (tests without a GPU); ``graphs``: capture repeated steps.
+        self.emulate = emulate
+        self.graphs = graphs
 
     def ops(self) -> list[OpSupport]:
         return capability_table()
 
     def available(self) -> str | None:
-        if importlib.util.find_spec("cupy") is None:
-            return "CuPy is not installed (pip install 'graphopt[cuda]'; needs an NVIDIA GPU)"
-        if shutil.which("nvidia-smi") is None:
-            return "no NVIDIA GPU driver found (nvidia-smi is missing)"
-        return "the CUDA kernels are not implemented yet; only the capability table exists"
+        return None if self.emulate else _gpu_problem()
 
     def can_execute(self) -> bool:
-        return False
+        return True
 
     def compile(self, model: Model):
-        reason = self.available()
-        raise BackendError(f"backend 'cuda' cannot compile here: {reason}. `graphopt optimize --target cuda` "
-                           f"still legalizes a model for it")
+        from graphopt.backends.cuda_ops import Device
+        from graphopt.backends.cuda_runtime import compile_model
+
+        if self.emulate:
+            device = Device(np, None)
+        else:
+            reason = self.available()
+            if reason is not None:
+                raise BackendError(f"backend 'cuda' cannot compile here: {reason}. `graphopt optimize --target "
+                                   f"cuda` still legalizes a model for it")
+            import cupy
+
+            from graphopt.backends.cuda_kernels import Kernels
+
+            device = Device(cupy, Kernels(cupy))
+        return compile_model(model, device, self.check, graphs=self.graphs)

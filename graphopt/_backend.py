@@ -145,3 +145,9 @@ class Executable:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
+
+    def step(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """``run`` for a loop that feeds outputs back (a decode loop): outputs named in ``keep``
+        may come back in the backend's own memory (a device array) and are accepted as inputs
+        by the next call. By default the same as ``run``."""
+        return self.run(feeds)

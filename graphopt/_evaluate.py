@@ -145,6 +145,7 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
         dims = [d if isinstance(d, int) else 1 for d in (shapes[name] or [1, 1, 0, 1])]
         past[name] = np.zeros((1, dims[1], 0, dims[3]), dtype=dtypes[name])
     new: list[int] = []
+    presents = frozenset(present for _, present in pairs)  # the KV cache may stay in the backend's memory
     step_ids = tokens
     for _ in range(max_new_tokens):
         if pairs:
@@ -160,7 +161,7 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
             feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in names:
             feeds["position_ids"] = np.arange(p, total, dtype=np.int64)[None, :]
-        out = exe.run(feeds)
+        out = exe.step(feeds, keep=presents)
         token = int(np.argmax(out["logits"][0, -1]))
         new.append(token)
         tokens.append(token)

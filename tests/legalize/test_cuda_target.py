@@ -1,5 +1,5 @@
-"""The cuda target exists as a capability table on any machine: importable and queryable
-without CuPy or a GPU, refusing to compile with the reason."""
+"""The cuda target's table exists on any machine: importable and queryable without CuPy or
+a GPU; without one, compiling is refused with the reason."""
 
 from __future__ import annotations
 
@@ -27,14 +27,16 @@ def test_table_is_the_contract():
         assert not cuda.supports_op(op, "", 23), op
     assert not cuda.supports_op("GroupQueryAttention", "com.microsoft", 1)
     described = cuda.describe()
-    assert described["executes"] is False and described["available"] is False
+    assert described["executes"] is True and described["available"] is (cuda.available() is None)
     assert {o["op_type"] for o in described["ops"]} >= {"MatMul", "Softmax", "RMSNormalization", "Gather"}
 
 
 def test_compile_says_why_not():
     cuda = graphopt.get_backend("cuda")
     reason = cuda.available()
-    assert reason is not None and ("CuPy" in reason or "GPU" in reason or "not implemented" in reason)
+    if reason is None:
+        pytest.skip("a GPU is present: the cuda target compiles here")
+    assert "CuPy" in reason or "GPU" in reason
     with pytest.raises(graphopt.BackendError, match=r"target 'cuda' is unavailable here: "):
         graphopt.compile(graphopt.load(__import__("conftest").FIXTURES / "llama-dynamo-decode.onnx"), "cuda")
     with pytest.raises(graphopt.BackendError, match=r"backend 'cuda' cannot compile here: .*still legalizes"):

@@ -1,0 +1,367 @@
+"""The ``cuda`` backend's hand-written kernels: CUDA C sources, their launchers and array twins.
+
+Each kernel exists twice:
+
+- a ``RawKernel`` (CUDA C in :data:`SOURCES`, compiled by CuPy's NVRTC on first use);
+- a *twin* written with array-module operations (``xp`` is ``cupy`` or ``numpy``) that
+  computes the same result. The twin is the reference the GPU tests compare the
+  kernel with, and what the backend runs when it emulates the device with numpy
+  (``CudaBackend(emulate=True)``, how CI tests the backend's logic without a GPU).
+
+Kernels (float32 activations; row-major contiguous arrays):
+
+- ``rms_norm``: one block per row, ``y = x * rsqrt(mean(x²) + eps) * w``;
+- ``softmax_rows``: one block per row of the last axis, max-subtracted;
+- ``dq_gemv``: ``y[m, n] = Σ_k x[m, k] · W[k, n]`` for a block-quantized weight stored
+  *column-major* (:class:`GemvWeight`): one warp per output column reads that
+  column's packed 4- or 8-bit codes contiguously (coalesced 32-bit words), unpacks
+  and scales them in registers and keeps up to ``GEMV_MAX_ROWS`` rows of ``x`` in
+  flight, so the weight is read once per call and never materialised in float;
+- ``dq_unpack``: the same weight dequantized to a float32 ``[K, n1 - n0]`` tile, the
+  prefill path (tiles of columns, then a cuBLAS matmul).
+
+Importing this module never imports CuPy; sources compile for the device at hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Rows of X one GEMV launch handles; more rows (prefill) take the dequantize-tile + cuBLAS path.
+GEMV_MAX_ROWS = 8
+#: Threads per block of the row kernels.
+ROW_THREADS = 256
+#: Warps (output columns) per block of the GEMV kernel.
+GEMV_WARPS = 4
+
+_COMMON = r"""
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Reduces over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+    v = warp_sum(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    v = shared[0];
+    __syncthreads();
+    return v;
+}
+__device__ __forceinline__ float block_max(float v, float* shared) {
+    v = warp_max(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : NEG_INF;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    v = shared[0];
+    __syncthreads();
+    return v;
+}
+"""
+
+_RMS_NORM = r"""
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ y, const int n, const float eps) {
+    __shared__ float shared[32];
+    const long long row = blockIdx.x;
+    const float* xr = x + row * n;
+    float* yr = y + row * n;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { const float v = xr[i]; acc += v * v; }
+    const float inv = rsqrtf(block_sum(acc, shared) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
+}
+"""
+
+_SOFTMAX = r"""
+extern "C" __global__ void softmax_rows(const float* __restrict__ x, float* __restrict__ y, const int n) {
+    __shared__ float shared[32];
+    const long long row = blockIdx.x;
+    const float* xr = x + row * n;
+    float* yr = y + row * n;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, shared);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { const float e = __expf(xr[i] - m); yr[i] = e; s += e; }
+    // a row of -inf only (fully masked) gives NaN, as the ONNX decomposition does
+    const float inv = 1.0f / block_sum(s, shared);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] *= inv;
+}
+"""
+
+# codes: [N, words] uint32, column n's K codes packed along K (BITS=4: 8 per word, low nibble first;
+# BITS=8: 4 per word, low byte first). scale / mzs: [N, nblk] float32 (mzs = -zero_point * scale).
+_DQ = r"""
+template <int BITS, bool SIGNED>
+__device__ __forceinline__ float code_at(unsigned int word, int j) {
+    if (BITS == 4) {
+        int c = (word >> (4 * j)) & 0xF;
+        if (SIGNED) c = (c ^ 8) - 8;
+        return (float)c;
+    } else {
+        int c = (word >> (8 * j)) & 0xFF;
+        if (SIGNED) c = (c ^ 128) - 128;
+        return (float)c;
+    }
+}
+
+template <int BITS, bool SIGNED, bool ZERO, int ROWS>
+__device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __restrict__ codes,
+                             const float* __restrict__ scale, const float* __restrict__ mzs,
+                             float* __restrict__ y, const int m, const int k, const int n,
+                             const int words, const int block, const int nblk) {
+    constexpr int PER = 32 / BITS;
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const unsigned int* cw = codes + (long long)col * words;
+    const float* sc = scale + (long long)col * nblk;
+    const float* mz = ZERO ? mzs + (long long)col * nblk : nullptr;
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    for (int wi = lane; wi < words; wi += 32) {
+        const unsigned int word = cw[wi];
+        const int k0 = wi * PER;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int kk = k0 + j;
+            if (kk >= k) break;
+            const int b = kk / block;
+            float v = code_at<BITS, SIGNED>(word, j) * sc[b];
+            if (ZERO) v += mz[b];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) if (r < m) acc[r] += x[(long long)r * k + kk] * v;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const float s = warp_sum(acc[r]);
+        if (lane == 0 && r < m) y[(long long)r * n + col] = s;
+    }
+}
+
+template <int BITS, bool SIGNED, bool ZERO>
+__device__ void dq_unpack_impl(const unsigned int* __restrict__ codes, const float* __restrict__ scale,
+                               const float* __restrict__ mzs, float* __restrict__ out, const int k,
+                               const int n0, const int cols, const int words, const int block,
+                               const int nblk) {
+    // out[kk, c] for c in [0, cols): one thread per element, consecutive threads along columns
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)k * cols) return;
+    constexpr int PER = 32 / BITS;
+    const int kk = (int)(i / cols), c = (int)(i % cols), col = n0 + c;
+    const unsigned int word = codes[(long long)col * words + kk / PER];
+    const int b = kk / block;
+    float v = code_at<BITS, SIGNED>(word, kk % PER) * scale[(long long)col * nblk + b];
+    if (ZERO) v += mzs[(long long)col * nblk + b];
+    out[i] = v;
+}
+"""
+
+
+def _dq_entry_points() -> str:
+    out = []
+    for bits in (4, 8):
+        for signed in (True, False):
+            for zero in (True, False):
+                tag = f"{bits}{'s' if signed else 'u'}{'z' if zero else ''}"
+                targs = f"{bits}, {'true' if signed else 'false'}, {'true' if zero else 'false'}"
+                out.append(f"""
+extern "C" __global__ void dq_gemv_{tag}(const float* x, const unsigned int* codes, const float* scale,
+        const float* mzs, float* y, int m, int k, int n, int words, int block, int nblk) {{
+    dq_gemv_impl<{targs}, {GEMV_MAX_ROWS}>(x, codes, scale, mzs, y, m, k, n, words, block, nblk);
+}}
+extern "C" __global__ void dq_unpack_{tag}(const unsigned int* codes, const float* scale, const float* mzs,
+        float* out, int k, int n0, int cols, int words, int block, int nblk) {{
+    dq_unpack_impl<{targs}>(codes, scale, mzs, out, k, n0, cols, words, block, nblk);
+}}""")
+    return "".join(out)
+
+
+#: name -> CUDA C source (each compiles on its own).
+SOURCES: dict[str, str] = {
+    "rms_norm": _COMMON + _RMS_NORM,
+    "softmax_rows": _COMMON + _SOFTMAX,
+    "dq": _COMMON + _DQ + _dq_entry_points(),
+}
+
+
+def dq_kernel_names() -> list[str]:
+    return [f"dq_{kind}_{bits}{s}{z}" for kind in ("gemv", "unpack") for bits in (4, 8) for s in "su"
+            for z in ("z", "")]
+
+
+# ------------------------------------------------------------------ quantized weight layout
+@dataclass
+class GemvWeight:
+    """A block-quantized ``[K, N]`` weight laid out for the GEMV kernel (column-major codes).
+
+    ``codes``: uint32 ``[N, words]`` (column n's codes along K, ``32 // bits`` per word);
+    ``scale``: float32 ``[N, nblk]``; ``mzs``: float32 ``[N, nblk]`` (``-zero * scale``) or None.
+    Arrays live in ``xp`` (device memory under CuPy).
+    """
+
+    k: int
+    n: int
+    bits: int
+    signed: bool
+    block: int
+    codes: Any
+    scale: Any
+    mzs: Any
+
+    @property
+    def words(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def nblk(self) -> int:
+        return int(self.scale.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.scale.nbytes + (self.mzs.nbytes if self.mzs is not None else 0))
+
+    def tag(self) -> str:
+        return f"{self.bits}{'s' if self.signed else 'u'}{'z' if self.mzs is not None else ''}"
+
+
+def gemv_layout(codes_kn: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int, signed: bool,
+                block: int, xp: Any = np) -> GemvWeight:
+    """Host-side repacking of integer codes ``[K, N]`` (int8/uint8 values, unpacked) with
+    ``scale``/``zero`` ``[ceil(K/block), N]`` into a :class:`GemvWeight` in ``xp``.
+
+    ``block`` is the block length along K (K itself for one block per column).
+    """
+    k, n = codes_kn.shape
+    per = 32 // bits
+    words = -(-k // per)
+    col = np.zeros((n, words * per), np.uint8)
+    col[:, :k] = codes_kn.T.astype(np.uint8) & ((1 << bits) - 1)  # two's complement bits of signed codes
+    if bits == 4:
+        nib = col.reshape(n, -1, 2)
+        col = (nib[:, :, 0] | (nib[:, :, 1] << 4)).astype(np.uint8)
+    packed = np.ascontiguousarray(col).view("<u4").reshape(n, words)
+    s = np.ascontiguousarray(np.asarray(scale, np.float32).T)
+    mzs = None
+    if zero is not None:
+        mzs = np.ascontiguousarray((-np.asarray(zero, np.float32) * np.asarray(scale, np.float32)).T)
+    return GemvWeight(k, n, bits, signed, block, xp.asarray(packed), xp.asarray(s),
+                      xp.asarray(mzs) if mzs is not None else None)
+
+
+def unpack_twin(w: GemvWeight, xp: Any, n0: int = 0, n1: int | None = None) -> Any:
+    """float32 ``[K, n1 - n0]`` dequantized columns, with array operations only."""
+    n1 = w.n if n1 is None else n1
+    words = w.codes[n0:n1]
+    per = 32 // w.bits
+    shifts = xp.arange(per, dtype=xp.uint32) * w.bits
+    c = (words[:, :, None] >> shifts) & xp.uint32((1 << w.bits) - 1)  # [cols, words, per]
+    c = c.reshape(n1 - n0, -1)[:, :w.k].astype(xp.int32)
+    if w.signed:
+        half = 1 << (w.bits - 1)
+        c = (c ^ half) - half
+    blk = xp.arange(w.k) // w.block
+    v = c.astype(xp.float32) * w.scale[n0:n1][:, blk]
+    if w.mzs is not None:
+        v += w.mzs[n0:n1][:, blk]
+    return v.T
+
+
+def rms_norm_twin(x: Any, w: Any, eps: float, xp: Any) -> Any:
+    inv = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + xp.float32(eps))
+    return (x * inv * w).astype(xp.float32, copy=False)
+
+
+def softmax_twin(x: Any, xp: Any) -> Any:
+    m = xp.max(x, axis=-1, keepdims=True)
+    e = xp.exp(x - m)
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------ launchers (CuPy only)
+class Kernels:
+    """Compiled kernels for the current CuPy device, built on first use and cached."""
+
+    def __init__(self, cupy: Any):
+        self.cp = cupy
+        self._modules: dict[str, Any] = {}
+
+    def _fn(self, module: str, name: str) -> Any:
+        mod = self._modules.get(module)
+        if mod is None:
+            mod = self.cp.RawModule(code=SOURCES[module], options=("-std=c++17",))
+            self._modules[module] = mod
+        return mod.get_function(name)
+
+    def warm(self) -> None:
+        """Compile and load everything now (before a CUDA-graph capture, or to time compilation)."""
+        self._fn("rms_norm", "rms_norm")
+        self._fn("softmax_rows", "softmax_rows")
+        for name in dq_kernel_names():
+            self._fn("dq", name)
+
+    def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
+        cp = self.cp
+        n = x.shape[-1]
+        x2 = cp.ascontiguousarray(x, dtype=cp.float32)
+        y = cp.empty_like(x2)
+        rows = x2.size // n if n else 0
+        if rows:
+            self._fn("rms_norm", "rms_norm")((rows,), (ROW_THREADS,),
+                                             (x2, cp.ascontiguousarray(w, dtype=cp.float32), y, np.int32(n),
+                                              np.float32(eps)))
+        return y
+
+    def softmax_rows(self, x: Any) -> Any:
+        cp = self.cp
+        n = x.shape[-1]
+        x2 = cp.ascontiguousarray(x, dtype=cp.float32)
+        y = cp.empty_like(x2)
+        rows = x2.size // n if n else 0
+        if rows:
+            self._fn("softmax_rows", "softmax_rows")((rows,), (ROW_THREADS,), (x2, y, np.int32(n)))
+        return y
+
+    def dq_gemv(self, x2: Any, w: GemvWeight) -> Any:
+        """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS."""
+        cp = self.cp
+        m = x2.shape[0]
+        y = cp.empty((m, w.n), cp.float32)
+        grid = (-(-w.n // GEMV_WARPS),)
+        mzs = w.mzs if w.mzs is not None else w.scale  # unused when the kernel has no zero point
+        self._fn("dq", f"dq_gemv_{w.tag()}")(grid, (32 * GEMV_WARPS,), (
+            x2, w.codes, w.scale, mzs, y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words),
+            np.int32(w.block), np.int32(w.nblk)))
+        return y
+
+    def dq_unpack(self, w: GemvWeight, n0: int, n1: int) -> Any:
+        cp = self.cp
+        cols = n1 - n0
+        out = cp.empty((w.k, cols), cp.float32)
+        total = w.k * cols
+        if total:
+            mzs = w.mzs if w.mzs is not None else w.scale
+            self._fn("dq", f"dq_unpack_{w.tag()}")((-(-total // 256),), (256,), (
+                w.codes, w.scale, mzs, out, np.int32(w.k), np.int32(n0), np.int32(cols), np.int32(w.words),
+                np.int32(w.block), np.int32(w.nblk)))
+        return out

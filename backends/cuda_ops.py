@@ -1,0 +1,662 @@
+"""Device-side op implementations of the ``cuda`` backend, written against an array module.
+
+A factory takes ``(KNode, Device)`` and returns ``fn(*inputs)``. ``Device.xp`` is CuPy on
+a GPU, or numpy when the backend emulates the device (tests without a GPU run the same
+code). Inputs listed in :data:`PARAMS` (shapes, axes, starts/ends, ...) always arrive
+as host numpy arrays: the runtime computes them on the host or downloads them first.
+Everything else arrives in device memory.
+
+This table *is* the backend's declaration: an op is declared exactly when it has a
+device implementation here (``backends/cuda.py`` builds the table from it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.backends import cuda_kernels as ck
+from graphopt.backends.cpu import INTERNAL_DOMAIN
+from graphopt.backends.cpu_kernels import KNode, slice_index
+
+Factory = Callable[[KNode, "Device"], Callable[..., Any]]
+
+#: op -> indices of inputs that are parameters (read on the host as Python ints).
+PARAMS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}), "Expand": frozenset({1}), "Tile": frozenset({1}), "Split": frozenset({1}),
+    "Slice": frozenset({1, 2, 3, 4}), "Squeeze": frozenset({1}), "Unsqueeze": frozenset({1}),
+    "ReduceMean": frozenset({1}), "ReduceSum": frozenset({1}), "ReduceMax": frozenset({1}),
+    "ReduceMin": frozenset({1}), "ConstantOfShape": frozenset({0}), "Range": frozenset({0, 1, 2}),
+    "CumSum": frozenset({1}), "Trilu": frozenset({1}),
+}
+
+
+@dataclass
+class Device:
+    """The array module and the compiled kernels (None when emulating with numpy)."""
+
+    xp: Any
+    kernels: ck.Kernels | None = None
+
+    @property
+    def emulated(self) -> bool:
+        return self.kernels is None
+
+
+@dataclass(frozen=True)
+class DeviceOp:
+    op: str
+    domain: str
+    since: int
+    factory: Factory
+
+
+DEVICE_OPS: dict[tuple[str, str], DeviceOp] = {}
+
+
+def device_op(*ops: str, domain: str = "", since: int = 1) -> Callable[[Factory], Factory]:
+    def register(factory: Factory) -> Factory:
+        for op in ops:
+            DEVICE_OPS[(domain, op)] = DeviceOp(op, domain, since, factory)
+        return factory
+    return register
+
+
+def _ints(v) -> list[int]:
+    return [int(i) for i in np.asarray(v).reshape(-1)]
+
+
+def _np_dtype(onnx_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(onnx_type)))
+
+
+# ------------------------------------------------------------------ elementwise
+def _erf(xp, x):
+    if xp is np:  # numpy has no erf: Abramowitz-Stegun 7.1.26 is too coarse; use the cpu kernel's fit
+        from graphopt.backends.cpu_kernels import _erf as cpu_erf
+        return cpu_erf(x)
+    from cupyx.scipy.special import erf
+    return erf(x).astype(x.dtype, copy=False)
+
+
+_UNARY = {"Neg": "negative", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sin": "sin", "Cos": "cos",
+          "Tanh": "tanh", "Floor": "floor", "Ceil": "ceil", "Reciprocal": "reciprocal"}
+
+
+def _unary(name: str) -> Factory:
+    def factory(n: KNode, d: Device):
+        fn = getattr(d.xp, name)
+        return lambda x: fn(x).astype(x.dtype, copy=False)
+    return factory
+
+
+for _op, _name in _UNARY.items():
+    device_op(_op)(_unary(_name))
+
+
+@device_op("Erf")
+def _erf_op(n: KNode, d: Device):
+    return lambda x: _erf(d.xp, x)
+
+
+@device_op("Sigmoid")
+def _sigmoid(n: KNode, d: Device):
+    xp = d.xp
+    return lambda x: (1.0 / (1.0 + xp.exp(-x))).astype(x.dtype, copy=False)
+
+
+@device_op("Relu")
+def _relu(n: KNode, d: Device):
+    return lambda x: d.xp.maximum(x, x.dtype.type(0))
+
+
+@device_op("IsNaN")
+def _isnan(n: KNode, d: Device):
+    return d.xp.isnan
+
+
+@device_op("IsInf")
+def _isinf(n: KNode, d: Device):
+    pos, neg = bool(int(n.attr("detect_positive", 1))), bool(int(n.attr("detect_negative", 1)))
+    xp = d.xp
+    return lambda x: xp.isinf(x) & (((x > 0) & pos) | ((x < 0) & neg))
+
+
+@device_op("Not")
+def _not(n: KNode, d: Device):
+    return d.xp.logical_not
+
+
+def _binary(name: str, keep_dtype: bool = True) -> Factory:
+    def factory(n: KNode, d: Device):
+        fn = getattr(d.xp, name)
+        if keep_dtype:
+            return lambda a, b: fn(a, b).astype(a.dtype, copy=False)
+        return fn
+    return factory
+
+
+for _op, _name in {"Add": "add", "Sub": "subtract", "Mul": "multiply"}.items():
+    device_op(_op, since=7)(_binary(_name))
+for _op, _name in {"Equal": "equal", "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
+                   "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or"}.items():
+    device_op(_op, since=7)(_binary(_name, keep_dtype=False))
+
+
+@device_op("Div", since=7)
+def _div(n: KNode, d: Device):
+    xp = d.xp
+
+    def run(a, b):
+        if a.dtype.kind in "iu":  # truncation toward zero, as C and the spec do
+            return xp.trunc(a.astype(xp.float64) / b.astype(xp.float64)).astype(a.dtype)
+        return xp.divide(a, b).astype(a.dtype, copy=False)
+    return run
+
+
+@device_op("Pow", since=7)
+def _pow(n: KNode, d: Device):
+    xp = d.xp
+
+    def run(a, b):
+        if a.dtype.kind in "iu":
+            return xp.power(a.astype(xp.float64), b.astype(xp.float64)).astype(a.dtype)
+        if b.ndim == 0 or b.size == 1:
+            e = float(b.reshape(-1)[0]) if not hasattr(b, "get") else None
+            if e == 2.0:
+                return a * a
+        return xp.power(a, b.astype(a.dtype, copy=False))
+    return run
+
+
+@device_op("Mod", since=10)
+def _mod(n: KNode, d: Device):
+    fn = d.xp.fmod if int(n.attr("fmod", 0)) else d.xp.mod
+    return lambda a, b: fn(a, b).astype(a.dtype, copy=False)
+
+
+def _variadic(name: str) -> Factory:
+    def factory(n: KNode, d: Device):
+        fn = getattr(d.xp, name)
+
+        def run(*xs):
+            out = xs[0]
+            for x in xs[1:]:
+                out = fn(out, x)
+            return out.astype(xs[0].dtype, copy=False)
+        return run
+    return factory
+
+
+device_op("Sum", since=8)(_variadic("add"))
+device_op("Max", since=8)(_variadic("maximum"))
+device_op("Min", since=8)(_variadic("minimum"))
+
+
+@device_op("Where", since=9)
+def _where(n: KNode, d: Device):
+    return d.xp.where
+
+
+@device_op("Clip", since=11)
+def _clip(n: KNode, d: Device):
+    xp = d.xp
+
+    def run(x, lo=None, hi=None):
+        out = x
+        if lo is not None:
+            out = xp.maximum(out, lo)
+        if hi is not None:
+            out = xp.minimum(out, hi)
+        return out.astype(x.dtype, copy=False)
+    return run
+
+
+@device_op("Cast", since=6)
+def _cast(n: KNode, d: Device):
+    dtype = _np_dtype(n.attr("to"))
+    xp = d.xp
+
+    def run(x):
+        if x.dtype.kind == "f" and dtype.kind in "iu":
+            return xp.trunc(x).astype(dtype)
+        if dtype == np.bool_:
+            return x != 0
+        return x.astype(dtype, copy=False)
+    return run
+
+
+# ------------------------------------------------------------------ reductions
+def _reduce(name: str, axes_input_since: int) -> Factory:
+    def factory(n: KNode, d: Device):
+        fn = getattr(d.xp, name)
+        keep = bool(n.attr("keepdims", 1))
+        noop_empty = bool(n.attr("noop_with_empty_axes", 0))
+        attr_axes = n.attr("axes")
+
+        def run(x, axes=None):
+            if n.version < axes_input_since:
+                axes = attr_axes
+            ax = None if axes is None or len(_ints(axes)) == 0 else tuple(_ints(axes))
+            if ax is None and noop_empty:
+                return x
+            if x.size == 0 and name in ("max", "min"):  # the spec: the lowest/highest value of the type
+                return _empty_extreme(d.xp, x, ax, keep, name == "max")
+            return fn(x, axis=ax, keepdims=keep).astype(x.dtype, copy=False)
+        return run
+    return factory
+
+
+def _empty_extreme(xp, x, ax, keep: bool, is_max: bool):
+    axes = range(x.ndim) if ax is None else [a % x.ndim for a in ax]
+    shape = [1 if i in axes else s for i, s in enumerate(x.shape)] if keep else \
+        [s for i, s in enumerate(x.shape) if i not in axes]
+    if x.dtype == np.bool_:
+        fill = not is_max
+    elif x.dtype.kind == "f":
+        fill = -np.inf if is_max else np.inf
+    else:
+        fill = np.iinfo(x.dtype).min if is_max else np.iinfo(x.dtype).max
+    return xp.full(shape, fill, dtype=x.dtype)
+
+
+device_op("ReduceSum", since=13)(_reduce("sum", 13))
+device_op("ReduceMean", since=13)(_reduce("mean", 18))
+device_op("ReduceMax", since=13)(_reduce("max", 18))
+device_op("ReduceMin", since=13)(_reduce("min", 18))
+
+
+@device_op("ArgMax", since=13)
+def _argmax(n: KNode, d: Device):
+    axis, keep = int(n.attr("axis", 0)), bool(n.attr("keepdims", 1))
+    last = bool(int(n.attr("select_last_index", 0)))
+    xp = d.xp
+
+    def run(x):
+        if last:  # the last of equal maxima: search the flipped axis
+            idx = (x.shape[axis] - 1 - xp.argmax(xp.flip(x, axis), axis=axis)).astype(xp.int64)
+        else:
+            idx = xp.argmax(x, axis=axis).astype(xp.int64)
+        return xp.expand_dims(idx, axis) if keep else idx
+    return run
+
+
+@device_op("Softmax", since=13)
+@device_op("LogSoftmax", since=13)
+def _softmax(n: KNode, d: Device):
+    axis = int(n.attr("axis", -1))
+    log = n.op == "LogSoftmax"
+    xp = d.xp
+
+    def run(x):
+        ax = axis % x.ndim
+        if not log and ax == x.ndim - 1 and x.dtype == np.float32 and d.kernels is not None:
+            return d.kernels.softmax_rows(x)
+        m = xp.max(x, axis=ax, keepdims=True)
+        if log:
+            return (x - m - xp.log(xp.sum(xp.exp(x - m), axis=ax, keepdims=True))).astype(x.dtype, copy=False)
+        if ax == x.ndim - 1 and x.dtype == np.float32:
+            return ck.softmax_twin(x, xp)
+        e = xp.exp(x - m)
+        return (e / xp.sum(e, axis=ax, keepdims=True)).astype(x.dtype, copy=False)
+    return run
+
+
+# ------------------------------------------------------------------ linear algebra
+@device_op("MatMul", since=13)
+def _matmul(n: KNode, d: Device):
+    return d.xp.matmul
+
+
+@device_op("Gemm", since=13)
+def _gemm(n: KNode, d: Device):
+    alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))
+    ta, tb = int(n.attr("transA", 0)), int(n.attr("transB", 0))
+
+    def run(a, b, c=None):
+        y = (a.T if ta else a) @ (b.T if tb else b)
+        if alpha != 1.0:
+            y = y * a.dtype.type(alpha)
+        if c is not None:
+            y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
+        return y.astype(a.dtype, copy=False)
+    return run
+
+
+@device_op("RMSNormalization", since=23)
+def _rms_norm(n: KNode, d: Device):
+    axis, eps = int(n.attr("axis", -1)), float(n.attr("epsilon", 1e-5))
+    xp = d.xp
+
+    def run(x, scale):
+        ax = axis % x.ndim
+        if ax == x.ndim - 1 and x.dtype == np.float32 and scale.shape == x.shape[-1:]:
+            if d.kernels is not None:
+                return d.kernels.rms_norm(x, scale, eps)
+            return ck.rms_norm_twin(x, scale, eps, xp)
+        red = tuple(range(ax, x.ndim))  # general case: float32 accumulation, as stash_type=1 asks
+        xc = x.astype(xp.float32, copy=False)
+        inv = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=red, keepdims=True) + xp.float32(eps))
+        return (xc * inv * scale.astype(xp.float32, copy=False)).astype(scale.dtype, copy=False)
+    return run
+
+
+# ------------------------------------------------------------------ data movement
+@device_op("Identity")
+def _identity(n: KNode, d: Device):
+    return lambda x: x
+
+
+@device_op("Shape")
+def _shape(n: KNode, d: Device):
+    # runs on the host (a shape never needs the device): see the runtime's classification
+    start, end = n.attr("start", 0), n.attr("end")
+
+    def run(x):
+        dims = np.array(x.shape, dtype=np.int64)
+        return dims[start:end] if end is not None else dims[start:]
+    return run
+
+
+@device_op("Size")
+def _size(n: KNode, d: Device):
+    return lambda x: np.array(math.prod(x.shape), dtype=np.int64)
+
+
+@device_op("Reshape", since=5)
+def _reshape(n: KNode, d: Device):
+    allowzero = int(n.attr("allowzero", 0))
+
+    def run(x, shape):
+        dims = _ints(shape)
+        if not allowzero:
+            dims = [x.shape[i] if s == 0 else s for i, s in enumerate(dims)]
+        return x.reshape(dims)
+    return run
+
+
+@device_op("Flatten", since=13)
+def _flatten(n: KNode, d: Device):
+    axis = int(n.attr("axis", 1))
+
+    def run(x):
+        ax = axis % x.ndim if x.ndim and axis < 0 else axis
+        return x.reshape(int(math.prod(x.shape[:ax])), -1)
+    return run
+
+
+@device_op("Transpose")
+def _transpose(n: KNode, d: Device):
+    perm = n.attr("perm")
+    return lambda x: d.xp.transpose(x, perm)
+
+
+@device_op("Squeeze", since=13)
+def _squeeze(n: KNode, d: Device):
+    def run(x, axes=None):
+        return d.xp.squeeze(x) if axes is None else d.xp.squeeze(x, axis=tuple(_ints(axes)))
+    return run
+
+
+@device_op("Unsqueeze", since=13)
+def _unsqueeze(n: KNode, d: Device):
+    def run(x, axes):
+        ax = _ints(axes)
+        rank = x.ndim + len(ax)
+        return d.xp.expand_dims(x, tuple(sorted(a % rank for a in ax)))
+    return run
+
+
+@device_op("Concat", since=4)
+def _concat(n: KNode, d: Device):
+    axis = int(n.attr("axis"))
+    return lambda *xs: d.xp.concatenate(xs, axis=axis)
+
+
+@device_op("Split", since=13)
+def _split(n: KNode, d: Device):
+    axis = int(n.attr("axis", 0))
+    num_outputs = n.attr("num_outputs", n.n_outputs)
+
+    def run(x, split=None):
+        size = x.shape[axis]
+        if split is None:
+            k = int(num_outputs)
+            chunk = -(-size // k)
+            sizes = [chunk] * (k - 1) + [size - chunk * (k - 1)]
+        else:
+            sizes = _ints(split)
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        return tuple(d.xp.split(x, bounds, axis=axis))
+    return run
+
+
+@device_op("Slice", since=13)
+def _slice(n: KNode, d: Device):
+    def run(x, starts, ends, axes=None, steps=None):
+        return x[slice_index(x.shape, _ints(starts), _ints(ends), None if axes is None else _ints(axes),
+                             None if steps is None else _ints(steps))]
+    return run
+
+
+@device_op("Gather", since=13)
+def _gather(n: KNode, d: Device):
+    axis = int(n.attr("axis", 0))
+    xp = d.xp
+
+    def run(x, idx):
+        idx = xp.where(idx < 0, idx + x.shape[axis], idx)
+        return xp.take(x, idx, axis=axis)
+    return run
+
+
+@device_op("GatherElements", since=13)
+def _gather_elements(n: KNode, d: Device):
+    axis = int(n.attr("axis", 0))
+    xp = d.xp
+
+    def run(x, idx):
+        idx = xp.where(idx < 0, idx + x.shape[axis], idx)
+        return xp.take_along_axis(x, idx, axis=axis)
+    return run
+
+
+@device_op("GatherND", since=13)
+def _gather_nd(n: KNode, d: Device):
+    bd = int(n.attr("batch_dims", 0))
+    xp = d.xp
+
+    def run(x, idx):
+        nb = int(math.prod(x.shape[:bd]))
+        xb = x.reshape((nb,) + tuple(x.shape[bd:]))
+        ib = idx.reshape((nb,) + tuple(idx.shape[bd:])).astype(xp.int64, copy=False)
+        k = int(ib.shape[-1])
+        dims = xp.asarray(np.array(xb.shape[1:1 + k], dtype=np.int64))
+        ib = xp.where(ib < 0, ib + dims, ib)
+        b = xp.arange(nb).reshape((nb,) + (1,) * (ib.ndim - 2))
+        res = xb[(b,) + tuple(ib[..., i] for i in range(k))]
+        return res.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[bd + k:]))
+    return run
+
+
+@device_op("Expand", since=13)
+def _expand(n: KNode, d: Device):
+    def run(x, shape):
+        return d.xp.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(_ints(shape))))
+    return run
+
+
+@device_op("Tile", since=13)
+def _tile(n: KNode, d: Device):
+    return lambda x, reps: d.xp.tile(x, _ints(reps))
+
+
+@device_op("Range", since=11)
+def _range(n: KNode, d: Device):
+    def run(start, limit, delta):
+        dtype = np.asarray(start).dtype
+        return d.xp.asarray(np.arange(start, limit, delta).astype(dtype))
+    return run
+
+
+@device_op("ConstantOfShape", since=9)
+def _constant_of_shape(n: KNode, d: Device):
+    value = n.attr("value")
+    vals = getattr(value, "values", value)
+    fill = np.asarray(vals if vals is not None else np.zeros(1, np.float32)).reshape(-1)
+    return lambda shape: d.xp.full(_ints(shape), fill[0], dtype=fill.dtype)
+
+
+@device_op("Trilu", since=14)
+def _trilu(n: KNode, d: Device):
+    upper = int(n.attr("upper", 1))
+
+    def run(x, k=None):
+        kk = 0 if k is None else _ints(k)[0]
+        return d.xp.triu(x, kk) if upper else d.xp.tril(x, kk)
+    return run
+
+
+@device_op("CumSum", since=14)
+def _cumsum(n: KNode, d: Device):
+    exclusive, reverse = int(n.attr("exclusive", 0)), int(n.attr("reverse", 0))
+    xp = d.xp
+
+    def run(x, axis):
+        ax = _ints(axis)[0]
+        y = xp.flip(x, ax) if reverse else x
+        out = xp.cumsum(y, axis=ax, dtype=x.dtype)
+        if exclusive:
+            out = out - y
+        return xp.flip(out, ax) if reverse else out
+    return run
+
+
+# ------------------------------------------------------------------ quantized weights
+def _as_codes(x: np.ndarray) -> np.ndarray:
+    """int4/uint4 (ml_dtypes) or int8/uint8 values as int8/uint8 numpy arrays."""
+    name = x.dtype.name
+    if name in ("int4", "uint4"):
+        return x.astype(np.int8 if name == "int4" else np.uint8)
+    return np.asarray(x)
+
+
+def _unpack_stored(wq: np.ndarray, bits: int, signed: bool, n: int) -> np.ndarray:
+    """The cpu rewrite's stored weight (4-bit: two columns per byte) as int8/uint8 ``[K, N]``."""
+    if bits != 4:
+        return _as_codes(wq)
+    lo, hi = wq & 0xF, wq >> 4
+    both = np.empty((wq.shape[0], 2 * wq.shape[1]), np.uint8)
+    both[:, 0::2], both[:, 1::2] = lo, hi
+    codes = both[:, :n]
+    if signed:
+        codes = ((codes ^ 8).astype(np.int8) - 8).astype(np.int8)
+    return codes
+
+
+def gemv_weight(wq: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs: dict, xp: Any,
+                transposed: bool = False) -> ck.GemvWeight | None:
+    """A ``DequantMatMul``'s constant operands in the GEMV layout, or None when its layout
+    (blocks along the output axis) is not one the kernel reads."""
+    axis, block, bits = int(attrs.get("axis", 0)), int(attrs.get("block_size", 0)), int(attrs.get("bits", 0))
+    signed, n = bool(attrs.get("signed", 1)), int(attrs["n"])
+    codes = _unpack_stored(np.asarray(wq), bits, signed, n)  # [K, N] as stored (or [N, K] transposed)
+    s = np.asarray(scale, np.float32)
+    z = _as_codes(np.asarray(zp)).astype(np.float32) if zp is not None else None
+    if transposed:  # the weight is W^T: [N, K] with blocks along K (axis 1)
+        codes = codes.T
+        axis = 1 - axis
+        s = s.T if s.ndim == 2 else s
+        z = z.T if z is not None and z.ndim == 2 else z
+    k, nn = codes.shape
+    if s.size == 1:
+        s2, z2, blk = np.full((1, nn), float(s.reshape(-1)[0]), np.float32), None, k
+        if z is not None:
+            z2 = np.full((1, nn), float(z.reshape(-1)[0]), np.float32)
+    elif block <= 0 and axis == 1:  # per output column
+        s2, blk = s.reshape(1, nn), k
+        z2 = z.reshape(1, nn) if z is not None else None
+    elif block > 0 and axis == 0:  # blocks along K: the layout the quantize pass writes for MatMul
+        s2, blk = s, block
+        z2 = z
+    else:
+        return None
+    wbits = 4 if (bits == 4 or codes.dtype.name in ("int4", "uint4")) else 8
+    return ck.gemv_layout(codes, s2, z2, wbits, signed, blk, xp)
+
+
+#: Largest float32 tile (bytes) the prefill path of a quantized MatMul materialises at once.
+DQ_TILE_BYTES = 32 * 2**20
+
+
+def dq_matmul(x: Any, w: ck.GemvWeight, d: Device) -> Any:
+    """``x @ dequantize(w)`` for float32 x [..., K]: GEMV for few rows, else tiles + cuBLAS."""
+    xp = d.xp
+    lead = x.shape[:-1]
+    x2 = xp.ascontiguousarray(x.reshape(-1, w.k), dtype=xp.float32)
+    m = x2.shape[0]
+    if m <= ck.GEMV_MAX_ROWS and d.kernels is not None:
+        y = d.kernels.dq_gemv(x2, w)
+    else:
+        y = xp.empty((m, w.n), xp.float32)
+        step = max(1, DQ_TILE_BYTES // (4 * max(w.k, 1)))
+        for n0 in range(0, w.n, step):
+            n1 = min(w.n, n0 + step)
+            tile = d.kernels.dq_unpack(w, n0, n1) if d.kernels is not None else ck.unpack_twin(w, xp, n0, n1)
+            y[:, n0:n1] = x2 @ tile
+    return y.reshape(lead + (w.n,))
+
+
+@device_op("DequantizeLinear", since=21)
+def _dequantize_linear(n: KNode, d: Device):
+    axis = int(n.attr("axis", 1))
+    block = int(n.attr("block_size", 0))
+    out_t = int(n.attr("output_dtype", 0) or 0)
+    xp = d.xp
+
+    def run(x, scale, zp=None):
+        ax = axis % x.ndim if x.ndim else 0
+        y = x.astype(xp.float32)
+
+        def expand(p):
+            p = p.astype(xp.float32)
+            if p.ndim == 0 or p.size == 1:
+                return p.reshape(())
+            if block <= 0:
+                dims = [1] * x.ndim
+                dims[ax] = p.shape[0]
+                return p.reshape(dims)
+            return xp.repeat(p, block, axis=ax)[(slice(None),) * ax + (slice(0, x.shape[ax]),)]
+
+        if zp is not None:
+            y -= expand(zp)
+        y *= expand(scale)
+        return y.astype(_np_dtype(out_t) if out_t else scale.dtype, copy=False)
+    return run
+
+
+@device_op("DequantMatMul", domain=INTERNAL_DOMAIN)
+def _dequant_matmul(n: KNode, d: Device):
+    # the runtime passes the prepared GemvWeight (built once at compile) as the second input
+    return lambda x, w: dq_matmul(x, w, d)
+
+
+@device_op("DequantGather", domain=INTERNAL_DOMAIN)
+def _dequant_gather(n: KNode, d: Device):
+    # the runtime passes (GemvWeight of the table's transpose: columns are rows of the table, ids)
+    xp = d.xp
+
+    def run(w: ck.GemvWeight, ids):
+        flat = ids.reshape(-1)
+        flat = xp.where(flat < 0, flat + w.n, flat)
+        sub = ck.GemvWeight(w.k, int(flat.shape[0]), w.bits, w.signed, w.block, xp.take(w.codes, flat, axis=0),
+                            xp.take(w.scale, flat, axis=0),
+                            xp.take(w.mzs, flat, axis=0) if w.mzs is not None else None)
+        rows = ck.unpack_twin(sub, xp).T  # [ids, K]
+        return rows.reshape(tuple(ids.shape) + (w.k,))
+    return run

@@ -1,0 +1,599 @@
+"""Compiling and running a graph on the ``cuda`` backend (CuPy, or numpy when emulated).
+
+Compile (once):
+
+1. every node is checked against the declared table; ``DequantizeLinear → MatMul/Gather``
+   on constant weights becomes one dequant-matmul / dequant-gather step whose weight is
+   repacked (column-major packed codes, :class:`~graphopt.backends.cuda_kernels.GemvWeight`)
+   and uploaded once;
+2. every tensor is classified:
+
+   - **constant**: computed from initializers only. Small ones are folded on the host now;
+   - **static**: computed from constants and *shapes* (``Shape``/``Size`` outputs): the
+     shape arithmetic exporters emit. It runs on the host with the cpu backend's kernels
+     and depends only on the input shapes, so its values are cached per input-shape
+     signature: a repeated shape (every decode step at a fixed past length, every
+     captured step) skips the host work entirely;
+   - **dynamic**: depends on input values; runs on the device.
+
+3. steps are ordered, intermediates freed after their last use; weights go to the device
+   once (CuPy's memory pool; one non-blocking stream).
+
+Run: inputs are uploaded, host steps run only for a new shape signature, device steps
+run their kernels. A ``Concat`` that appends new keys/values to a ``past_key_values``
+input and is the matching ``present`` output (the KV cache) writes *in place* into a
+buffer with spare capacity when its past is the latest view of that buffer (what a
+decode loop passes back, see ``run(..., keep=...)``), so a decode step copies one
+token's keys, not the whole cache.
+
+With ``graphs=True`` on a GPU, a step whose input shapes repeat is captured in a CUDA
+graph on its second occurrence and replayed afterwards (inputs are copied into the
+captured buffers); any device-to-host read in the step (a shape that depends on input
+values) makes the step uncapturable, and it keeps running op by op.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt._backend import Executable, op_version
+from graphopt._errors import BackendError
+from graphopt._ir import Model
+from graphopt.backends import cuda_ops
+from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode
+from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
+from graphopt.backends.cpu_kernels import find_kernel
+from graphopt.backends.cuda_kernels import GemvWeight
+from graphopt.backends.cuda_ops import PARAMS, Device
+
+logger = logging.getLogger(__name__)
+
+#: Constant-only results up to this size are folded at compile time (bigger ones, e.g. a
+#: transposed tied embedding, stay lazy device views instead of second copies).
+FOLD_BYTES = 1 << 20
+#: Shape signatures whose static values are kept (decode steps at growing past lengths each have one).
+SIGNATURE_CACHE = 8
+#: Extra KV-cache capacity (tokens) allocated when an in-place append buffer must grow.
+KV_GROW = 256
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+CONST, STATIC, DYNAMIC = 0, 1, 2
+#: How a step reads one input: as it is; downloaded (a device value the host needs); a static
+#: value read as a parameter on the host; a static value uploaded for the device.
+READ, DOWNLOAD, STATIC_PARAM, STATIC_DATA = 0, 1, 2, 3
+
+
+@dataclass
+class Step:
+    name: str
+    op: str
+    fn: Any
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    host: bool
+    params: frozenset[int] = frozenset()  # input positions read on the host
+    free: tuple[int, ...] = ()
+    kv: bool = False
+    actions: tuple[int, ...] = ()
+
+
+@dataclass
+class _Signature:
+    """What a shape signature's first run left for later runs."""
+
+    values: dict[int, Any] = field(default_factory=dict)  # static slot -> its device copy
+    params: dict[int, Any] = field(default_factory=dict)  # static slot -> host value read as a parameter
+    seen: int = 1
+    graph: Any = None  # a captured CUDA graph and its buffers
+    uncapturable: str | None = None
+
+
+def _transfer(device: Device):
+    xp = device.xp
+    if device.emulated:
+        return (lambda a: np.array(a, copy=True)), (lambda a: np.asarray(a))
+    return (lambda a: xp.asarray(a)), (lambda a: xp.asnumpy(a))
+
+
+def _fold_transposed_dequant(model: Model) -> int:
+    """``MatMul(x, Transpose(DequantizeLinear(W)))`` where every user of the dequantized W
+    is such a Transpose or a Gather (a tied embedding quantized once): turned into
+    ``DequantMatMul`` nodes marked ``transposed`` that read W directly, and dequant-gathers."""
+    graph = model.graph
+    count = 0
+    outputs = {id(t) for t in graph.outputs}
+    for dq in list(graph.nodes):
+        if dq.op != "DequantizeLinear" or not isinstance(dq.inputs[0], gs.Constant) or len(dq.outputs) != 1:
+            continue
+        if len(dq.inputs[0].shape or ()) != 2 or id(dq.outputs[0]) in outputs:
+            continue
+        users = list(dq.outputs[0].outputs)
+        transposes = [u for u in users if u.op == "Transpose" and list(u.attrs.get("perm", [1, 0])) == [1, 0]]
+        gathers = [u for u in users if u.op == "Gather" and u.inputs[0] is dq.outputs[0]
+                   and int(u.attrs.get("axis", 0)) == 0]
+        if not transposes or len(transposes) + len(gathers) != len(users):
+            continue
+        if not all(id(t.outputs[0]) not in outputs and t.outputs[0].outputs and all(
+                m.op == "MatMul" and m.inputs[1] is t.outputs[0] and m.inputs[0] is not t.outputs[0]
+                for m in t.outputs[0].outputs) for t in transposes):
+            continue
+        ins = list(dq.inputs) + [gs.Variable.empty()] * (3 - len(dq.inputs))
+        attrs = {"axis": int(dq.attrs.get("axis", 1)), "block_size": int(dq.attrs.get("block_size", 0)),
+                 "transposed": 1, "n": int(dq.inputs[0].shape[0])}
+        for t in transposes:
+            for m in list(t.outputs[0].outputs):
+                new = gs.Node("DequantMatMul", name=f"{m.name or 'matmul'}__dqT", domain=INTERNAL_DOMAIN,
+                              attrs=dict(attrs), inputs=[m.inputs[0], *ins[:3]], outputs=list(m.outputs))
+                m.inputs.clear()
+                m.outputs.clear()
+                graph.nodes.append(new)
+                count += 1
+        for g in gathers:
+            new = gs.Node("DequantGather", name=f"{g.name or 'gather'}__dqT", domain=INTERNAL_DOMAIN,
+                          attrs=dict(attrs), inputs=[*ins[:3], g.inputs[1]], outputs=list(g.outputs))
+            g.inputs.clear()
+            g.outputs.clear()
+            graph.nodes.append(new)
+            count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+        model.opset_imports.setdefault(INTERNAL_DOMAIN, 1)
+    return count
+
+
+def _quant_weight(node: gs.Node, device: Device) -> GemvWeight:
+    ins = list(node.inputs)
+    if node.op == "DequantMatMul":
+        wq, scale, zp = ins[1], ins[2], ins[3] if len(ins) > 3 else None
+    else:
+        wq, scale, zp = ins[0], ins[1], ins[2] if len(ins) > 2 else None
+    zv = _const_values(zp) if zp is not None and zp.name else None
+    attrs = dict(node.attrs)
+    transposed = bool(attrs.get("transposed", 0))
+    if transposed:  # raw DequantizeLinear operands: bits from the dtype, no cpu packing
+        attrs = {**attrs, "bits": 0, "signed": int(_const_values(wq).dtype.name in ("int4", "int8"))}
+    elif node.op == "DequantGather":  # a gather reads rows of W [V, H]: columns of W^T
+        transposed = True
+    w = cuda_ops.gemv_weight(_const_values(wq), _const_values(scale), zv, attrs, device.xp, transposed=transposed)
+    if w is None:
+        raise BackendError(f"cuda: node {node.name!r} ({node.op}): quantization blocks along the output axis are "
+                           f"not supported by the dequant-matmul kernel")
+    return w
+
+
+class CudaExecutable(Executable):
+    def __init__(self, device: Device, steps: list[Step], n_slots: int, constants: dict[int, Any],
+                 inputs: dict[str, int], outputs: dict[str, int], classes: list[int], rewrites: dict[str, int],
+                 graphs: bool, weight_bytes: int):
+        self.device = device
+        self.steps = steps
+        self.n_slots = n_slots
+        self.input_slots = inputs
+        self.output_slots = outputs
+        self.classes = classes
+        self.rewrites = rewrites
+        self.graphs = graphs and not device.emulated
+        self.weight_bytes = weight_bytes
+        self._base: list[Any] = [None] * n_slots
+        for slot, value in constants.items():
+            self._base[slot] = value
+        self._upload, self._download = _transfer(device)
+        self._signatures: OrderedDict[tuple, _Signature] = OrderedDict()
+        self._kv_buffers: dict[int, tuple[Any, int]] = {}  # step index -> (buffer, committed length)
+        self._stream = None if device.emulated else device.xp.cuda.Stream(non_blocking=True)
+        self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
+                      "downloads": 0, "graph_replays": 0, "graph_captures": 0}
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_slots)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.output_slots)
+
+    # ---------------------------------------------------------------- running
+    def run(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Outputs as numpy arrays, except those named in ``keep``, which stay device arrays
+        (pass them back as inputs: a KV cache then never leaves the device)."""
+        missing = [n for n in self.input_slots if n not in feeds]
+        if missing:
+            raise BackendError(f"missing inputs: {', '.join(missing)}")
+        if self._stream is None:
+            env = self._execute(feeds)
+        else:
+            with self._stream:
+                env = self._execute(feeds)
+        out = {}
+        for name, slot in self.output_slots.items():
+            value = env[slot]
+            out[name] = value if name in keep else _contiguous(self._download(value))
+        return out
+
+    def step(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        return self.run(feeds, keep=keep)
+
+    def synchronize(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _signature(self, feeds: dict[str, Any]) -> tuple:
+        return tuple((name, tuple(feeds[name].shape), str(feeds[name].dtype)) for name in self.input_slots)
+
+    def _execute(self, feeds: dict[str, Any]) -> list[Any]:
+        key = self._signature(feeds)
+        sig = self._signatures.get(key)
+        if sig is not None:
+            self._signatures.move_to_end(key)
+            sig.seen += 1
+            if self.graphs and sig.uncapturable is None:
+                return self._replay(sig, feeds)
+        env = list(self._base)
+        for name, slot in self.input_slots.items():
+            value = feeds[name]
+            env[slot] = value if self._on_device(value) else self._upload(np.asarray(value))
+        if sig is None:
+            sig = _Signature()
+            self._walk(env, sig, run_host=True)
+            for slot in self.output_slots.values():
+                if self.classes[slot] == STATIC:
+                    sig.params[slot] = env[slot]
+            self._signatures[key] = sig
+            while len(self._signatures) > SIGNATURE_CACHE:
+                self._signatures.popitem(last=False)
+        else:
+            self._walk(env, sig, run_host=False)
+            for slot in self.output_slots.values():
+                if self.classes[slot] == STATIC:
+                    env[slot] = sig.params[slot]
+        return env
+
+    def _on_device(self, value: Any) -> bool:
+        if self.device.emulated:  # numpy stands in for device memory: our KV buffers are "on the device"
+            base = getattr(value, "base", None)
+            return base is not None and any(base is buf for buf, _ in self._kv_buffers.values())
+        return isinstance(value, self.device.xp.ndarray)
+
+    def _walk(self, env: list[Any], sig: _Signature, run_host: bool, capturing: bool = False) -> None:
+        """Runs the steps. A fresh signature (``run_host``) runs host steps too and records the
+        static values device steps read; later runs of that signature take them from ``sig``."""
+        for i, step in enumerate(self.steps):
+            if step.host and not run_host:
+                continue
+            args = []
+            for pos, s in enumerate(step.inputs):
+                if s < 0:
+                    args.append(None)
+                    continue
+                action = step.actions[pos]
+                if action == READ:
+                    v = env[s]
+                elif action == DOWNLOAD:  # a parameter computed on the device: a sync
+                    v = self._download(env[s])
+                    self.stats["downloads"] += 1
+                    if sig.uncapturable is None:
+                        sig.uncapturable = f"{step.name} ({step.op}) reads a device value on the host"
+                elif action == STATIC_PARAM:
+                    if run_host:
+                        v = sig.params[s] = env[s]
+                    else:
+                        v = sig.params[s]
+                else:  # STATIC_DATA: host value used on the device, uploaded once per signature
+                    v = sig.values.get(s)
+                    if v is None:
+                        v = sig.values[s] = self._upload(np.asarray(env[s]))
+                args.append(v)
+            self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
+            try:
+                if step.kv and not capturing:
+                    result = self._kv_append(i, step, *args)
+                else:
+                    result = step.fn(*args)
+            except Exception as e:
+                shapes = ", ".join(str(getattr(a, "shape", None)) for a in args)
+                raise BackendError(f"cuda: node {step.name!r} ({step.op}) failed on inputs of shape "
+                                   f"[{shapes}]: {type(e).__name__}: {e}") from e
+            if len(step.outputs) == 1:
+                env[step.outputs[0]] = result if not isinstance(result, tuple) else result[0]
+            else:
+                for slot, value in zip(step.outputs, result):
+                    if slot >= 0:
+                        env[slot] = value
+            if not capturing:
+                for slot in step.free:
+                    env[slot] = None
+
+    # ---------------------------------------------------------------- KV cache in place
+    def _kv_append(self, index: int, step: Step, past: Any, new: Any) -> Any:
+        """``Concat([past, new], axis=2)`` of a KV cache, in place when ``past`` is the latest
+        view of this step's buffer and the buffer has room; otherwise into a new buffer
+        with ``KV_GROW`` tokens to spare. Views handed out earlier are never written."""
+        xp = self.device.xp
+        length, add = past.shape[2], new.shape[2]
+        held = self._kv_buffers.get(index)
+        if held is not None:
+            buf, committed = held
+            if (past.base is buf and committed == length and buf.shape[2] >= length + add
+                    and buf.shape[:2] == past.shape[:2] and buf.shape[3] == past.shape[3]
+                    and _same_start(past, buf, xp)):
+                buf[:, :, length:length + add] = new
+                self._kv_buffers[index] = (buf, length + add)
+                self.stats["kv_in_place"] += 1
+                return buf[:, :, :length + add]
+        b, h, _, dim = past.shape
+        buf = xp.empty((b, h, length + add + KV_GROW, dim), dtype=past.dtype)
+        buf[:, :, :length] = past
+        buf[:, :, length:length + add] = new
+        self._kv_buffers[index] = (buf, length + add)
+        self.stats["kv_copied"] += 1
+        return buf[:, :, :length + add]
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _replay(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
+        xp = self.device.xp
+        if sig.graph is None:  # second sighting: capture
+            inputs = {n: xp.asarray(feeds[n]).copy() for n in self.input_slots}
+            env = list(self._base)
+            for name, slot in self.input_slots.items():
+                env[slot] = inputs[name]
+            self.device.kernels.warm()
+            self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
+            if sig.uncapturable is not None:
+                return env
+            stream = self._stream
+            try:
+                stream.begin_capture()
+                try:
+                    self._walk(env, sig, run_host=False, capturing=True)
+                finally:
+                    graph = stream.end_capture()
+            except Exception as e:  # capture refused (an op synchronised): run op by op from now on
+                sig.uncapturable = f"capture failed: {type(e).__name__}: {e}"
+                logger.info("cuda: %s", sig.uncapturable)
+                return self._execute_plain(sig, feeds)
+            sig.graph = (graph, inputs, env)
+            self.stats["graph_captures"] += 1
+        graph, inputs, env = sig.graph
+        for name, buf in inputs.items():
+            value = feeds[name]
+            if self._on_device(value):
+                buf[...] = value
+            else:
+                buf.set(_contiguous(value), stream=self._stream)
+        graph.launch(stream=self._stream)
+        self.stats["graph_replays"] += 1
+        return [v.copy() if (i in self._output_set and v is not None) else v for i, v in enumerate(env)]
+
+    @property
+    def _output_set(self) -> set[int]:
+        return set(self.output_slots.values())
+
+    def _execute_plain(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
+        env = list(self._base)
+        for name, slot in self.input_slots.items():
+            env[slot] = self._upload(np.asarray(feeds[name])) if not self._on_device(feeds[name]) else feeds[name]
+        self._walk(env, sig, run_host=False)
+        return env
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
+def _same_start(view: Any, buf: Any, xp: Any) -> bool:
+    if xp is np:
+        return view.__array_interface__["data"][0] == buf.__array_interface__["data"][0]
+    return view.data.ptr == buf.data.ptr
+
+
+# ------------------------------------------------------------------ compile
+def _classify(graph: gs.Graph, inputs: set[str]) -> dict[str, int]:
+    cls: dict[str, int] = {}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Constant):
+            cls[name] = CONST
+    for name in inputs:
+        cls[name] = DYNAMIC
+    for node in graph.nodes:
+        ins = [cls.get(t.name, DYNAMIC) for t in node.inputs if t.name]
+        if node.op in ("Shape", "Size") and not node.domain:
+            c = STATIC if ins and ins[0] != CONST else CONST
+        elif node.domain == INTERNAL_DOMAIN:
+            c = DYNAMIC
+        else:
+            c = max(ins) if ins else CONST
+        for t in node.outputs:
+            if t.name:
+                cls[t.name] = c
+    return cls
+
+
+def _fold_constants(model: Model, classes: dict[str, int]) -> int:
+    """Runs constant-only nodes whose outputs are small on the host now; they become initializers."""
+    graph = model.graph
+    folded = 0
+    values: dict[str, np.ndarray] = {}
+    for node in list(graph.nodes):
+        if not node.outputs or any(classes.get(t.name) != CONST for t in node.outputs if t.name):
+            continue
+        if any(t.name and not isinstance(t, gs.Constant) and t.name not in values for t in node.inputs):
+            continue
+        spec = find_kernel(node.op, node.domain or "", op_version(node.op, node.domain or "",
+                                                                   model.opset(node.domain or "")))
+        if spec is None:
+            continue
+        args = [None if not t.name else values[t.name] if t.name in values else _const_values(t)
+                for t in node.inputs]
+        try:
+            result = spec.factory(_knode(node, model))(*args)
+        except Exception:  # leave it to run time, which reports the error with the node's name
+            continue
+        results = result if isinstance(result, tuple) else (result,)
+        if sum(np.asarray(r).nbytes for r in results) > FOLD_BYTES:
+            continue
+        for t, r in zip(node.outputs, results):
+            if t.name:
+                values[t.name] = np.asarray(r)
+        folded += 1
+    if not values:
+        return 0
+    for node in list(graph.nodes):
+        if all(t.name in values or not t.name for t in node.outputs):
+            for t in node.outputs:
+                if t.name:
+                    const = gs.Constant(t.name, _contiguous(values[t.name]))
+                    for user in list(t.outputs):
+                        for j, inp in enumerate(user.inputs):
+                            if inp is t:
+                                user.inputs[j] = const
+                    for j, out in enumerate(graph.outputs):
+                        if out is t:
+                            graph.outputs[j] = const
+            node.outputs.clear()
+            node.inputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return folded
+
+
+def _is_kv_concat(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> bool:
+    if node.op != "Concat" or len(node.inputs) != 2 or node.outputs[0].name not in graph_outputs:
+        return False
+    past = node.inputs[0]
+    axis = int(node.attrs.get("axis", 0))
+    rank = len(past.shape) if past.shape is not None else 4
+    return bool(past.name in graph_inputs and _PAST.match(past.name) and rank == 4 and axis % 4 == 2)
+
+
+def compile_model(model: Model, device: Device, check, graphs: bool = False) -> CudaExecutable:
+    work = model.copy()
+    problems = [f"{n.name or '<unnamed>'} ({n.op}): {reason}"
+                for n in work.graph.nodes if (reason := check(n, work)) is not None]
+    if problems:
+        raise BackendError(f"cuda cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
+                           (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
+    rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work), "dequant_matmul": fuse_dequant_matmul(work)}
+    graph = work.graph
+    graph.toposort()
+    graph_inputs = {t.name for t in graph.inputs}
+    rewrites["folded_constants"] = _fold_constants(work, _classify(graph, graph_inputs))
+    graph.toposort()
+    classes = _classify(graph, graph_inputs)
+    upload, _ = _transfer(device)
+
+    slots: dict[str, int] = {}
+
+    def slot(name: str) -> int:
+        if name not in slots:
+            slots[name] = len(slots)
+        return slots[name]
+
+    inputs = {t.name: slot(t.name) for t in graph.inputs}
+    outputs_names = {t.name for t in graph.outputs}
+    constants: dict[int, Any] = {}
+    on_device: dict[str, bool] = {name: True for name in inputs}
+    weight_bytes = 0
+    steps: list[Step] = []
+
+    def constant_slot(t: gs.Constant, for_device: bool) -> str:
+        """Constants read on the host keep their name; a device copy gets its own slot."""
+        nonlocal weight_bytes
+        name = f"{t.name}@device" if for_device else t.name
+        if slot(name) not in constants:
+            values = _contiguous(_const_values(t))
+            constants[slot(name)] = upload(values) if for_device else values
+            if for_device:
+                weight_bytes += values.nbytes
+            on_device[name] = for_device
+        return name
+
+    for node in graph.nodes:
+        domain = node.domain or ""
+        knode = _knode(node, work)
+        shape_op = node.op in ("Shape", "Size") and not domain
+        host = shape_op or (bool(node.outputs) and classes.get(node.outputs[0].name, DYNAMIC) == STATIC)
+        names: list[str] = []
+        actions: list[int] = []
+        if host:
+            spec = find_kernel(node.op, domain, op_version(node.op, domain, work.opset(domain)))
+            if spec is None:
+                raise BackendError(f"cuda: no host kernel for {node.op} (node {node.name!r})")
+            fn = spec.factory(knode)
+            params: frozenset[int] = frozenset()
+            for t in node.inputs:
+                name = constant_slot(t, False) if isinstance(t, gs.Constant) else t.name
+                names.append(name)
+                actions.append(DOWNLOAD if name and on_device.get(name) and not shape_op else READ)
+        else:
+            op = cuda_ops.DEVICE_OPS.get((domain, node.op))
+            if op is None:
+                raise BackendError(f"cuda: no device kernel for {node.op} (node {node.name!r})")
+            fn = op.factory(knode, device)
+            params = PARAMS.get(node.op, frozenset())
+            ins = list(node.inputs)
+            if domain == INTERNAL_DOMAIN:  # the prepared weight replaces its constant operands
+                w = _quant_weight(node, device)
+                weight_bytes += w.nbytes
+                wname = f"{node.name}::weight"
+                constants[slot(wname)] = w
+                on_device[wname] = True
+                data = [t for t in ins if not isinstance(t, gs.Constant) and t.name]
+                pairs = [(data[0].name, None), (wname, None)] if node.op == "DequantMatMul" else \
+                    [(wname, None), (data[-1].name, None)]
+                names = [p[0] for p in pairs]
+                actions = [READ, READ]
+            else:
+                for pos, t in enumerate(ins):
+                    param = pos in params
+                    if isinstance(t, gs.Constant):
+                        names.append(constant_slot(t, not param))
+                        actions.append(READ)
+                        continue
+                    names.append(t.name)
+                    if not t.name:
+                        actions.append(READ)
+                    elif param:
+                        actions.append(DOWNLOAD if on_device.get(t.name, True) else STATIC_PARAM)
+                    else:
+                        actions.append(READ if on_device.get(t.name, True) else STATIC_DATA)
+        for t in node.outputs:
+            if t.name:
+                on_device[t.name] = not host
+        steps.append(Step(node.name, node.op, fn, tuple(slot(n) if n else -1 for n in names),
+                          tuple(slot(t.name) if t.name else -1 for t in node.outputs), host, params,
+                          kv=not host and _is_kv_concat(node, graph_inputs, outputs_names), actions=tuple(actions)))
+    for t in graph.outputs:  # a graph output that is a constant
+        if isinstance(t, gs.Constant):
+            constant_slot(t, False)
+    outputs = {t.name: slot(t.name) for t in graph.outputs}
+    classes_by_slot = [DYNAMIC] * len(slots)
+    for name, s in slots.items():
+        classes_by_slot[s] = classes.get(name, CONST if s in constants else DYNAMIC)
+    keep = set(outputs.values()) | set(constants) | set(inputs.values())
+    last_use: dict[int, int] = {}
+    for i, st in enumerate(steps):
+        for s in st.inputs + st.outputs:
+            if s >= 0 and s not in keep:
+                last_use[s] = i
+    frees: dict[int, list[int]] = {}
+    for s, i in last_use.items():
+        frees.setdefault(i, []).append(s)
+    for i, st in enumerate(steps):
+        st.free = tuple(frees.get(i, ()))
+    n_host = sum(st.host for st in steps)
+    logger.debug("cuda: %d steps (%d on the host), %d slots, %d constants", len(steps), n_host, len(slots),
+                 len(constants))
+    rewrites["host_steps"] = n_host
+    rewrites["device_steps"] = len(steps) - n_host
+    return CudaExecutable(device, steps, len(slots), constants, inputs, outputs, classes_by_slot, rewrites,
+                          graphs, weight_bytes)
+
