@@ -108,7 +108,7 @@ extern "C" __global__ void softmax_rows(const float* __restrict__ x, float* __re
 """
 
 # codes: [N, words] uint32, column n's K codes packed along K (BITS=4: 8 per word, low nibble first;
-# BITS=8: 4 per word, low byte first). scale / mzs: [N, nblk] float32 (mzs = -zero_point * scale).
+# BITS=8: 4 per word, low byte first). scale / zero: [N, nblk] float32; a value is (code - zero) * scale.
 _DQ = r"""
 template <int BITS, bool SIGNED>
 __device__ __forceinline__ float code_at(unsigned int word, int j) {
@@ -125,7 +125,7 @@ __device__ __forceinline__ float code_at(unsigned int word, int j) {
 
 template <int BITS, bool SIGNED, bool ZERO, int ROWS>
 __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __restrict__ codes,
-                             const float* __restrict__ scale, const float* __restrict__ mzs,
+                             const float* __restrict__ scale, const float* __restrict__ zero,
                              float* __restrict__ y, const int m, const int k, const int n,
                              const int words, const int block, const int nblk) {
     constexpr int PER = 32 / BITS;
@@ -134,7 +134,7 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
     if (col >= n) return;
     const unsigned int* cw = codes + (long long)col * words;
     const float* sc = scale + (long long)col * nblk;
-    const float* mz = ZERO ? mzs + (long long)col * nblk : nullptr;
+    const float* zp = ZERO ? zero + (long long)col * nblk : nullptr;
     float acc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
@@ -146,8 +146,9 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
             const int kk = k0 + j;
             if (kk >= k) break;
             const int b = kk / block;
-            float v = code_at<BITS, SIGNED>(word, j) * sc[b];
-            if (ZERO) v += mz[b];
+            float v = code_at<BITS, SIGNED>(word, j);
+            if (ZERO) v -= zp[b];
+            v *= sc[b];
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) if (r < m) acc[r] += x[(long long)r * k + kk] * v;
         }
@@ -161,7 +162,7 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
 
 template <int BITS, bool SIGNED, bool ZERO>
 __device__ void dq_unpack_impl(const unsigned int* __restrict__ codes, const float* __restrict__ scale,
-                               const float* __restrict__ mzs, float* __restrict__ out, const int k,
+                               const float* __restrict__ zero, float* __restrict__ out, const int k,
                                const int n0, const int cols, const int words, const int block,
                                const int nblk) {
     // out[kk, c] for c in [0, cols): one thread per element, consecutive threads along columns
@@ -171,8 +172,9 @@ __device__ void dq_unpack_impl(const unsigned int* __restrict__ codes, const flo
     const int kk = (int)(i / cols), c = (int)(i % cols), col = n0 + c;
     const unsigned int word = codes[(long long)col * words + kk / PER];
     const int b = kk / block;
-    float v = code_at<BITS, SIGNED>(word, kk % PER) * scale[(long long)col * nblk + b];
-    if (ZERO) v += mzs[(long long)col * nblk + b];
+    float v = code_at<BITS, SIGNED>(word, kk % PER);
+    if (ZERO) v -= zero[(long long)col * nblk + b];
+    v *= scale[(long long)col * nblk + b];
     out[i] = v;
 }
 """
@@ -187,12 +189,12 @@ def _dq_entry_points() -> str:
                 targs = f"{bits}, {'true' if signed else 'false'}, {'true' if zero else 'false'}"
                 out.append(f"""
 extern "C" __global__ void dq_gemv_{tag}(const float* x, const unsigned int* codes, const float* scale,
-        const float* mzs, float* y, int m, int k, int n, int words, int block, int nblk) {{
-    dq_gemv_impl<{targs}, {GEMV_MAX_ROWS}>(x, codes, scale, mzs, y, m, k, n, words, block, nblk);
+        const float* zero, float* y, int m, int k, int n, int words, int block, int nblk) {{
+    dq_gemv_impl<{targs}, {GEMV_MAX_ROWS}>(x, codes, scale, zero, y, m, k, n, words, block, nblk);
 }}
-extern "C" __global__ void dq_unpack_{tag}(const unsigned int* codes, const float* scale, const float* mzs,
+extern "C" __global__ void dq_unpack_{tag}(const unsigned int* codes, const float* scale, const float* zero,
         float* out, int k, int n0, int cols, int words, int block, int nblk) {{
-    dq_unpack_impl<{targs}>(codes, scale, mzs, out, k, n0, cols, words, block, nblk);
+    dq_unpack_impl<{targs}>(codes, scale, zero, out, k, n0, cols, words, block, nblk);
 }}""")
     return "".join(out)
 
@@ -216,7 +218,8 @@ class GemvWeight:
     """A block-quantized ``[K, N]`` weight laid out for the GEMV kernel (column-major codes).
 
     ``codes``: uint32 ``[N, words]`` (column n's codes along K, ``32 // bits`` per word);
-    ``scale``: float32 ``[N, nblk]``; ``mzs``: float32 ``[N, nblk]`` (``-zero * scale``) or None.
+    ``scale``: float32 ``[N, nblk]``; ``zero``: float32 ``[N, nblk]`` zero points or None;
+    a weight is ``(code - zero) * scale``, as ``DequantizeLinear`` defines it.
     Arrays live in ``xp`` (device memory under CuPy).
     """
 
@@ -227,7 +230,7 @@ class GemvWeight:
     block: int
     codes: Any
     scale: Any
-    mzs: Any
+    zero: Any
 
     @property
     def words(self) -> int:
@@ -239,10 +242,10 @@ class GemvWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.scale.nbytes + (self.mzs.nbytes if self.mzs is not None else 0))
+        return int(self.codes.nbytes + self.scale.nbytes + (self.zero.nbytes if self.zero is not None else 0))
 
     def tag(self) -> str:
-        return f"{self.bits}{'s' if self.signed else 'u'}{'z' if self.mzs is not None else ''}"
+        return f"{self.bits}{'s' if self.signed else 'u'}{'z' if self.zero is not None else ''}"
 
 
 def gemv_layout(codes_kn: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int, signed: bool,
@@ -262,11 +265,9 @@ def gemv_layout(codes_kn: np.ndarray, scale: np.ndarray, zero: np.ndarray | None
         col = (nib[:, :, 0] | (nib[:, :, 1] << 4)).astype(np.uint8)
     packed = np.ascontiguousarray(col).view("<u4").reshape(n, words)
     s = np.ascontiguousarray(np.asarray(scale, np.float32).T)
-    mzs = None
-    if zero is not None:
-        mzs = np.ascontiguousarray((-np.asarray(zero, np.float32) * np.asarray(scale, np.float32)).T)
+    z = np.ascontiguousarray(np.asarray(zero, np.float32).T) if zero is not None else None
     return GemvWeight(k, n, bits, signed, block, xp.asarray(packed), xp.asarray(s),
-                      xp.asarray(mzs) if mzs is not None else None)
+                      xp.asarray(z) if z is not None else None)
 
 
 def unpack_twin(w: GemvWeight, xp: Any, n0: int = 0, n1: int | None = None) -> Any:
@@ -281,9 +282,10 @@ def unpack_twin(w: GemvWeight, xp: Any, n0: int = 0, n1: int | None = None) -> A
         half = 1 << (w.bits - 1)
         c = (c ^ half) - half
     blk = xp.arange(w.k) // w.block
-    v = c.astype(xp.float32) * w.scale[n0:n1][:, blk]
-    if w.mzs is not None:
-        v += w.mzs[n0:n1][:, blk]
+    v = c.astype(xp.float32)
+    if w.zero is not None:
+        v -= w.zero[n0:n1][:, blk]
+    v *= w.scale[n0:n1][:, blk]
     return v.T
 
 
@@ -348,9 +350,9 @@ class Kernels:
         m = x2.shape[0]
         y = cp.empty((m, w.n), cp.float32)
         grid = (-(-w.n // GEMV_WARPS),)
-        mzs = w.mzs if w.mzs is not None else w.scale  # unused when the kernel has no zero point
+        zero = w.zero if w.zero is not None else w.scale  # unused when the kernel has no zero point
         self._fn("dq", f"dq_gemv_{w.tag()}")(grid, (32 * GEMV_WARPS,), (
-            x2, w.codes, w.scale, mzs, y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words),
+            x2, w.codes, w.scale, zero, y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words),
             np.int32(w.block), np.int32(w.nblk)))
         return y
 
@@ -360,8 +362,8 @@ class Kernels:
         out = cp.empty((w.k, cols), cp.float32)
         total = w.k * cols
         if total:
-            mzs = w.mzs if w.mzs is not None else w.scale
+            zero = w.zero if w.zero is not None else w.scale
             self._fn("dq", f"dq_unpack_{w.tag()}")((-(-total // 256),), (256,), (
-                w.codes, w.scale, mzs, out, np.int32(w.k), np.int32(n0), np.int32(cols), np.int32(w.words),
+                w.codes, w.scale, zero, out, np.int32(w.k), np.int32(n0), np.int32(cols), np.int32(w.words),
                 np.int32(w.block), np.int32(w.nblk)))
         return out

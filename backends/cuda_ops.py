@@ -656,7 +656,7 @@ def _dequant_gather(n: KNode, d: Device):
         flat = xp.where(flat < 0, flat + w.n, flat)
         sub = ck.GemvWeight(w.k, int(flat.shape[0]), w.bits, w.signed, w.block, xp.take(w.codes, flat, axis=0),
                             xp.take(w.scale, flat, axis=0),
-                            xp.take(w.mzs, flat, axis=0) if w.mzs is not None else None)
+                            xp.take(w.zero, flat, axis=0) if w.zero is not None else None)
         rows = ck.unpack_twin(sub, xp).T  # [ids, K]
         return rows.reshape(tuple(ids.shape) + (w.k,))
     return run

@@ -1,0 +1,199 @@
+"""The cuda backend's logic, on any machine: its runtime with numpy standing in for the device.
+
+``CudaBackend(emulate=True)`` runs the same compile (rewrites, host/device classification,
+per-shape static cache, in-place KV cache, repacked quantized weights) and the same device
+op implementations with ``xp = numpy``; the hand-written CUDA kernels are replaced by their
+array twins, which the GPU tests (``test_cuda_gpu.py``) compare the kernels against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphopt
+from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_ort, split_reference
+from graphopt._conformance import classify, node_cases, run_case
+from graphopt._evaluate import generate, load_inputs
+from graphopt.backends import cuda_kernels as ck
+from graphopt.backends import cuda_ops
+from graphopt.backends.cuda import CudaBackend
+from graphopt.backends.cuda_runtime import DYNAMIC, STATIC, STATIC_DATA, STATIC_PARAM
+
+EMU = CudaBackend(emulate=True)
+ALL_MODELS = FIXTURE_MODELS + ARCH_MODELS + CONTROL_MODELS
+
+
+def _optimized(path, **options):
+    return graphopt.optimize(graphopt.load(path), target=EMU, **options)
+
+
+@pytest.mark.parametrize("path", ALL_MODELS, ids=[p.stem for p in ALL_MODELS])
+def test_fixture_optimized_for_cuda_matches_torch(path):
+    feeds, expected = split_reference(path)
+    exe = graphopt.compile(_optimized(path), EMU)
+    first = exe.run(feeds)
+    host_runs = exe.stats["host_steps_run"]
+    second = exe.run(feeds)  # same shapes: the host's shape arithmetic is not run again
+    assert exe.stats["host_steps_run"] == host_runs > 0
+    assert exe.stats["downloads"] == 0  # no device value is ever read back mid-step
+    for got in (first, second):
+        for name, ref in expected.items():
+            assert got[name].shape == ref.shape and got[name].dtype == ref.dtype, name
+            np.testing.assert_allclose(got[name], ref, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_only_shape_arithmetic_runs_on_the_host():
+    exe = graphopt.compile(_optimized(FIXTURES / "llama-torchscript-decode.onnx"), EMU)
+    host = [s for s in exe.steps if s.host]
+    device = [s for s in exe.steps if not s.host]
+    assert {s.op for s in device} >= {"MatMul", "RMSNormalization", "Softmax", "Concat"}
+    assert {s.op for s in host} <= {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast",
+                                    "Add", "Sub", "Mul", "Div", "Range", "Equal", "Where", "Reshape", "Expand",
+                                    "ConstantOfShape", "Less", "LessOrEqual", "Greater", "And", "Or", "Not", "Trilu",
+                                    "ReduceSum", "Neg", "Max", "Min", "Tile", "Transpose", "Identity", "CumSum"}
+    for s in host:  # every host value is static: a function of constants and input shapes only
+        assert all(exe.classes[o] == STATIC for o in s.outputs if o >= 0), s.name
+    reads = {a for s in device for a in s.actions}
+    assert STATIC_PARAM in reads and STATIC_DATA in reads  # shapes as parameters, masks uploaded
+    assert all(exe.classes[o] in (DYNAMIC,) for s in device for o in s.outputs if o >= 0 and s.op == "MatMul")
+
+
+@pytest.mark.parametrize("name", ["llama-dynamo-decode", "qwen2-torchscript-decode", "mistral-dynamo-decode"])
+def test_greedy_tokens_match_torch_with_the_kv_cache_appended_in_place(name):
+    ref = np.load(FIXTURES / f"{name.split('-')[0]}-greedy.npz")
+    model = _optimized(FIXTURES / f"{name}.onnx")
+    exe = graphopt.compile(model, EMU)
+    tokens = generate(model, ref["prompt_ids"].tolist(), 32, EMU, executable=exe)
+    assert tokens == ref["tokens"].tolist()
+    n_kv = sum(s.kv for s in exe.steps)
+    assert n_kv == sum(1 for t in model.graph.outputs if t.name.startswith("present."))
+    # the prompt step allocates each layer's buffer; the 31 decode steps append in place
+    assert exe.stats["kv_copied"] == n_kv and exe.stats["kv_in_place"] == 31 * n_kv
+
+
+def test_in_place_append_never_writes_a_view_handed_out_before():
+    path = FIXTURES / "llama-dynamo-decode.onnx"
+    model = _optimized(path)
+    exe = graphopt.compile(model, EMU)
+    feeds = load_inputs(FIXTURES / "llama-dynamo-decode.npz")
+    feeds = {k: feeds[k] for k in exe.input_names}
+    presents = {t.name for t in model.graph.outputs if t.name.startswith("present.")}
+    a = exe.step(feeds, keep=presents)
+    kept = {k: np.array(v) for k, v in a.items() if k in presents}
+
+    def follow(out, token):
+        nxt = dict(feeds)
+        for k in exe.input_names:
+            if k.startswith("past_key_values."):
+                nxt[k] = out[k.replace("past_key_values.", "present.")]
+        nxt["input_ids"] = np.full_like(feeds["input_ids"], token)
+        total = nxt["past_key_values.0.key"].shape[2] + 1
+        nxt["attention_mask"] = np.ones((feeds["input_ids"].shape[0], total), np.int64)
+        nxt["position_ids"] = np.full_like(feeds["position_ids"], total - 1)
+        return nxt
+
+    b = exe.step(follow(a, 5), keep=presents)  # appends in place after a's views
+    c = exe.step(follow(a, 9), keep=presents)  # a branch from a again: must not overwrite b's token
+    assert exe.stats["kv_in_place"] == 4 and exe.stats["kv_copied"] == 8
+    for k in presents:
+        np.testing.assert_array_equal(a[k], kept[k])  # a's views unchanged
+        ref_b = run_ort(model, {k2: np.asarray(v) for k2, v in follow(a, 5).items()})
+        np.testing.assert_allclose(b[k], ref_b[k], atol=1e-5)
+        ref_c = run_ort(model, {k2: np.asarray(v) for k2, v in follow(a, 9).items()})
+        np.testing.assert_allclose(c[k], ref_c[k], atol=1e-5)
+
+
+QUANT_SETTINGS = [dict(quant_bits=4, quant_block=32), dict(quant_bits=4, quant_block=128, quant_symmetric=False),
+                  dict(quant_bits=8, quant_block=128, quant_embed_bits=4)]
+
+
+@pytest.mark.parametrize("name", ["llama-dynamo-decode", "qwen2-dynamo-decode", "qwen2-torchscript-prefill"])
+@pytest.mark.parametrize("options", QUANT_SETTINGS, ids=["int4-b32", "uint4-b128-asym", "int8-b128-embed4"])
+def test_quantized_fixture_matches_the_cpu_backend(name, options):
+    model = _optimized(FIXTURES / f"{name}.onnx", **options)
+    feeds = load_inputs(FIXTURES / f"{name}.npz")
+    exe = graphopt.compile(model, EMU)
+    feeds = {k: feeds[k] for k in exe.input_names}
+    ref = graphopt.compile(model, "cpu").run(feeds)
+    got = exe.run(feeds)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-4, rtol=0, err_msg=k)
+    n_dq = model.op_histogram()["DequantizeLinear"]
+    # every quantized weight runs as a dequant-matmul/gather on its packed codes (none dequantized whole)
+    assert not any(s.op == "DequantizeLinear" for s in exe.steps)
+    assert exe.rewrites["dequant_matmul"] + exe.rewrites["tied_dequant_matmul"] >= n_dq
+    if name.startswith("qwen2"):  # the tied embedding/LM head is one quantized matrix read two ways
+        assert exe.rewrites["tied_dequant_matmul"] == 2
+
+
+def _reference_dequant(codes, scale, zero, block):
+    k = codes.shape[0]
+    s = np.repeat(scale, block, axis=0)[:k]
+    z = np.repeat(zero, block, axis=0)[:k] if zero is not None else 0
+    return (codes.astype(np.float32) - z) * s
+
+
+@pytest.mark.parametrize("bits,signed,zero", [(4, True, False), (4, False, True), (8, True, False), (8, False, True),
+                                              (4, True, True)])
+@pytest.mark.parametrize("k,block", [(64, 32), (100, 32), (37, 16), (96, 128)])
+def test_gemv_layout_round_trips(bits, signed, zero, k, block):
+    rng = np.random.default_rng(k * bits)
+    n = 13
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    codes = rng.integers(lo, hi + 1, size=(k, n)).astype(np.int8 if signed else np.uint8)
+    nblk = -(-k // block)
+    scale = rng.uniform(0.01, 0.1, size=(nblk, n)).astype(np.float32)
+    zp = rng.integers(lo, hi + 1, size=(nblk, n)).astype(np.float32) if zero else None
+    w = ck.gemv_layout(codes, scale, zp, bits, signed, block)
+    assert w.codes.dtype == np.uint32 and w.codes.shape == (n, -(-k // (32 // bits)))
+    assert w.nbytes < codes.size * 4 / (32 / bits) + scale.nbytes * 2 + 64  # packed: bits per code, not 32
+    want = _reference_dequant(codes, scale, zp, block)
+    np.testing.assert_allclose(ck.unpack_twin(w, np), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ck.unpack_twin(w, np, 3, 9), want[:, 3:9], rtol=1e-6, atol=1e-7)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = cuda_ops.dq_matmul(x, w, cuda_ops.Device(np))
+    np.testing.assert_allclose(got, x @ want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_twins_match_the_onnx_definitions():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 7, 96)).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    want = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(ck.rms_norm_twin(x, w, 1e-6, np), want, rtol=1e-5)
+    x[0, 0, :5] = -np.inf  # masked positions
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(ck.softmax_twin(x, np), e / e.sum(-1, keepdims=True), rtol=1e-6)
+
+
+CASES = {c.name: c for c in node_cases()}
+APPLIES = sorted(n for n, c in CASES.items() if classify(EMU, c)[0] == "applies")
+
+
+def test_node_tests_cover_every_declared_op():
+    declared = {s.op_type for s in EMU.ops()}
+    covered = {n.op_type for name in APPLIES for n in CASES[name].model.graph.node}
+    # RMSNormalization's node tests use stash/axis variants too; DequantizeLinear's blocked cases need int4 etc.
+    assert declared - covered <= {"DequantizeLinear"}, sorted(declared - covered)
+    assert len(APPLIES) >= 400
+
+
+@pytest.mark.parametrize("name", APPLIES)
+def test_node_case(name):
+    result = run_case(EMU, CASES[name])
+    assert result.status == "passed", result.detail
+
+
+def test_table_is_built_from_the_device_implementations():
+    declared = {(s.domain, s.op_type) for s in EMU.ops()}
+    implemented = {k for k in cuda_ops.DEVICE_OPS if not k[0]}
+    assert declared == implemented
+    for op in ("Attention", "RotaryEmbedding", "LayerNormalization", "Gelu"):
+        assert not EMU.supports_op(op, "", 23)
+
+
+def test_kernel_sources_name_every_launch():
+    src = ck.SOURCES["dq"]
+    for name in ck.dq_kernel_names():
+        assert f'extern "C" __global__ void {name}(' in src
