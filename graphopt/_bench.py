@@ -3,9 +3,18 @@
 Every (engine, phase) runs in its own subprocess so that its peak resident
 memory (``VmHWM``) is its own. Results are ratios against onnxruntime on the
 same model and inputs, plus the memory-bandwidth bound of a decode step:
-weight bytes per token ÷ the DRAM read bandwidth measured here (BLAS
-matrix-vector product over a 256 MiB matrix), since a decode step is
-memory-bound.
+weight bytes per token ÷ the memory bandwidth measured in the same run, since a
+decode step is memory-bound.
+
+- CPU targets are compared with onnxruntime's CPU execution provider; a decode step
+  re-runs the same inputs (a ``--past``-token cache) ``runs`` times; the bound uses
+  DRAM read bandwidth (BLAS matrix-vector product over a 256 MiB matrix).
+- GPU targets (``cuda``) are compared with onnxruntime's CUDA execution provider
+  (onnxruntime-gpu, I/O bound to the device); decode is a real decode loop: each step's
+  ``present`` KV cache is fed back as the next ``past`` and stays on the device, the
+  logits come back to the host (as a sampler needs them), so the past grows from
+  ``--past`` by one per step. The bound uses the device's read bandwidth (a reduction
+  over 1 GiB, timed with CUDA events).
 """
 
 from __future__ import annotations
@@ -33,6 +42,21 @@ class BenchConfig:
     threads: int | None = None
     #: onnxruntime's MatMulNBits compute: None = its default (int8 activations, fast), 0 = float.
     ort_accuracy_level: int | None = None
+    #: cuda target: capture repeated steps in CUDA graphs.
+    graphs: bool = False
+
+    @property
+    def peer(self) -> str:
+        return peer_of(self.target)
+
+
+#: Engines whose decode phase is a device-resident decode loop.
+DEVICE_ENGINES = {"cuda", "onnxruntime-cuda"}
+
+
+def peer_of(target: str) -> str:
+    """The onnxruntime engine a target is measured against: same device."""
+    return "onnxruntime-cuda" if target == "cuda" else "onnxruntime"
 
 
 def _peak_rss() -> int:
@@ -86,24 +110,119 @@ def weight_bytes(model) -> int:
     return total
 
 
+def measure_device_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GPU memory read bandwidth in bytes/s (CuPy): a sum over ``gib`` GiB, timed with CUDA events."""
+    import cupy as cp
+
+    a = cp.ones(int(gib * 2**30) // 4, dtype=cp.float32)
+    a.sum()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        a.sum()
+        stop.record()
+        stop.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return a.nbytes / best
+
+
+class OrtCudaStepper:
+    """onnxruntime's CUDA execution provider with I/O bound to the device: ``step(feeds, keep)``
+    returns the outputs named in ``keep`` as device ``OrtValue`` objects, which later steps bind
+    as inputs without a copy (how a serving loop keeps its KV cache on the GPU)."""
+
+    def __init__(self, model, threads: int | None = None):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            from graphopt._errors import GraphoptError
+
+            raise GraphoptError("onnxruntime has no CUDA execution provider here (pip install 'graphopt[cuda]')")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.ort = ort
+        self.session = ort.InferenceSession(model.to_onnx().SerializeToString(), opts,
+                                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def step(self, feeds: dict, keep=frozenset()) -> dict:
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feeds[name]
+            if isinstance(value, self.ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda" if name in keep else "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: v if name in keep else v.numpy() for name, v in zip(self.output_names, values)}
+
+    def run(self, feeds: dict) -> dict:
+        return self.step(feeds)
+
+
+def _engine(cfg: dict, model):
+    """The executable (or stepper) an engine name stands for."""
+    import graphopt
+
+    engine = cfg["engine"]
+    if engine == "onnxruntime":
+        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+
+        return graphopt.compile(model, OnnxRuntimeBackend(threads=cfg.get("threads") or os.cpu_count(),
+                                                          optimization="all",
+                                                          accuracy_level=cfg.get("ort_accuracy_level")))
+    if engine == "onnxruntime-cuda":
+        return OrtCudaStepper(model, cfg.get("threads"))
+    if engine == "cuda":
+        from graphopt.backends.cuda import CudaBackend
+
+        backend = CudaBackend(emulate=bool(cfg.get("emulate")), graphs=bool(cfg.get("graphs")))
+        return graphopt.compile(model, backend)
+    return graphopt.compile(model, graphopt.get_backend(engine))
+
+
+def decode_loop(exe, model, feeds: dict, steps: int):
+    """Yields the seconds of each of ``steps`` decode steps, feeding each step's KV cache back
+    (kept in the engine's memory) and its greedy token as the next input."""
+    from graphopt._evaluate import _past_inputs
+
+    pairs = _past_inputs(model)
+    presents = frozenset(p for _, p in pairs)
+    feeds = dict(feeds)
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = exe.step(feeds, keep=presents)
+        token = np.argmax(out["logits"][:, -1], axis=-1)  # on the host: the step is complete
+        elapsed = time.perf_counter() - t
+        nxt = dict(feeds)
+        for past, present in pairs:
+            nxt[past] = out[present]
+        nxt["input_ids"] = token.reshape(-1, 1).astype(np.int64)
+        if "attention_mask" in nxt:
+            mask = np.asarray(feeds["attention_mask"])
+            nxt["attention_mask"] = np.concatenate([mask, np.ones((mask.shape[0], 1), mask.dtype)], axis=1)
+        if "position_ids" in nxt:
+            nxt["position_ids"] = np.asarray(feeds["position_ids"])[:, -1:] + 1
+        feeds = nxt
+        yield elapsed
+
+
 def worker(cfg: dict) -> dict:
     """Runs in a subprocess: compile once, time ``runs`` calls of one phase."""
     import graphopt
-    from graphopt._backend import Backend
     from graphopt._inputs import InputSpec, build_inputs, has_kv_cache
 
     model = graphopt.load(cfg["model"])
     engine = cfg["engine"]
-    backend: Backend
-    if engine == "onnxruntime":
-        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(threads=cfg.get("threads") or os.cpu_count(), optimization="all",
-                                     accuracy_level=cfg.get("ort_accuracy_level"))
-    else:
-        backend = graphopt.get_backend(engine)
     t0 = time.perf_counter()
-    exe = graphopt.compile(model, backend)
+    exe = _engine(cfg, model)
     compile_s = time.perf_counter() - t0
     kv = has_kv_cache(model)
     if cfg["phase"] == "prefill":
@@ -113,12 +232,22 @@ def worker(cfg: dict) -> dict:
         spec = InputSpec(batch=cfg["batch"], seq=1, past=cfg["past"] if kv else 0, left_pad=0)
         tokens = cfg["batch"]
     feeds = build_inputs(model, spec)
-    for _ in range(cfg["warmup"]):
-        exe.run(feeds)
-    times = [_timed(lambda: exe.run(feeds)) for _ in range(cfg["runs"])]
+    extra = {}
+    if engine in DEVICE_ENGINES and cfg["phase"] == "decode" and kv:
+        times = list(decode_loop(exe, model, feeds, cfg["warmup"] + cfg["runs"]))[cfg["warmup"]:]
+        extra["decode_loop"] = True
+    else:
+        sync = getattr(exe, "synchronize", lambda: None)
+        for _ in range(cfg["warmup"]):
+            exe.run(feeds)
+        times = [_timed(lambda: (exe.run(feeds), sync())) for _ in range(cfg["runs"])]
+    if engine == "cuda" and not cfg.get("emulate"):
+        extra["device_bandwidth_bytes_per_s"] = measure_device_bandwidth()
+    if hasattr(exe, "stats"):
+        extra["stats"] = dict(exe.stats)
     med = statistics.median(times)
     return {"engine": engine, "phase": cfg["phase"], "compile_s": compile_s, "median_s": med, "min_s": min(times),
-            "max_s": max(times), "tokens_per_s": tokens / med, "peak_rss": _peak_rss(), "kv_cache": kv}
+            "max_s": max(times), "tokens_per_s": tokens / med, "peak_rss": _peak_rss(), "kv_cache": kv, **extra}
 
 
 def run(cfg: BenchConfig, progress=None) -> dict:
@@ -130,11 +259,12 @@ def run(cfg: BenchConfig, progress=None) -> dict:
     wbytes = weight_bytes(model)
     phases = ["prefill", "decode"] if has_kv_cache(model) else ["prefill"]
     results = []
-    for engine in (cfg.target, "onnxruntime"):
+    for engine in (cfg.target, cfg.peer):
         for phase in phases:
             payload = json.dumps({"model": str(cfg.model), "engine": engine, "phase": phase, "prefill": cfg.prefill,
                                   "past": cfg.past, "runs": cfg.runs, "warmup": cfg.warmup, "batch": cfg.batch,
-                                  "threads": cfg.threads, "ort_accuracy_level": cfg.ort_accuracy_level})
+                                  "threads": cfg.threads, "ort_accuracy_level": cfg.ort_accuracy_level,
+                                  "graphs": cfg.graphs})
             env = dict(os.environ)
             if cfg.threads:
                 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -147,13 +277,15 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             results.append(json.loads(res.stdout.strip().splitlines()[-1]))
             if progress:
                 progress()
-    bandwidth = measure_bandwidth()
+    device_bw = [r["device_bandwidth_bytes_per_s"] for r in results if "device_bandwidth_bytes_per_s" in r]
+    bandwidth = max(device_bw) if device_bw else measure_bandwidth()
     by = {(r["engine"], r["phase"]): r for r in results}
-    summary = {"model": str(cfg.model), "target": cfg.target, "weight_bytes": wbytes, "bandwidth_bytes_per_s": bandwidth,
+    summary = {"model": str(cfg.model), "target": cfg.target, "peer": cfg.peer, "weight_bytes": wbytes,
+               "bandwidth_bytes_per_s": bandwidth, "bandwidth_of": "device" if device_bw else "host DRAM",
                "decode_bound_tokens_per_s": bandwidth / wbytes * cfg.batch if wbytes else None,
                "config": cfg.__dict__, "results": results, "ratios": {}}
     for phase in phases:
-        t, o = by.get((cfg.target, phase)), by.get(("onnxruntime", phase))
+        t, o = by.get((cfg.target, phase)), by.get((cfg.peer, phase))
         if t and o:
             summary["ratios"][phase] = {"latency_vs_onnxruntime": t["median_s"] / o["median_s"],
                                         "peak_rss_vs_onnxruntime": t["peak_rss"] / o["peak_rss"]}

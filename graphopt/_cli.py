@@ -335,25 +335,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     graphopt.get_backend(args.target)  # unknown target: fail before measuring anything
     model = graphopt.load(args.model)
     cfg = BenchConfig(args.model, args.target, args.prefill, args.past, args.runs, args.warmup, args.batch, args.threads,
-                      args.ort_accuracy_level)
+                      args.ort_accuracy_level, graphs=args.cuda_graphs)
     steps = 4 if has_kv_cache(model) else 2
     with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"bench {args.target} vs onnxruntime", total=steps)
+        task = progress.add_task(f"bench {args.target} vs {cfg.peer}", total=steps)
         summary = run_bench(cfg, progress=lambda: progress.advance(task))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    table = Table(title=f"graphopt bench {args.model}: {args.target} vs onnxruntime "
+    table = Table(title=f"graphopt bench {args.model}: {args.target} vs {cfg.peer} "
                         f"(prefill {args.prefill}, past {args.past}, batch {args.batch})")
     for col in ("engine", "phase", "median", "min", "max", "tokens/s", "peak RSS", "vs ort", "of BW bound"):
         table.add_column(col, justify="right" if col not in ("engine", "phase") else "left")
     ratios = summary["ratios"]
     for r in summary["results"]:
-        ratio = ratios.get(r["phase"], {}).get("latency_vs_onnxruntime") if r["engine"] != "onnxruntime" else None
+        ratio = ratios.get(r["phase"], {}).get("latency_vs_onnxruntime") if r["engine"] != cfg.peer else None
         frac = r.get("fraction_of_bandwidth_bound")
         table.add_row(r["engine"], r["phase"], f"{r['median_s'] * 1e3:.2f} ms", f"{r['min_s'] * 1e3:.2f} ms",
                       f"{r['max_s'] * 1e3:.2f} ms", f"{r['tokens_per_s']:.1f}", f"{r['peak_rss'] / 2**20:.0f} MiB",
                       "-" if ratio is None else f"{ratio:.2f}×", "-" if frac is None else f"{frac:.0%}")
-    table.caption = (f"weights {summary['weight_bytes'] / 2**20:.1f} MiB; DRAM read "
+    table.caption = (f"weights {summary['weight_bytes'] / 2**20:.1f} MiB; {summary['bandwidth_of']} read "
                      f"{summary['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s → decode bound "
                      f"{summary['decode_bound_tokens_per_s']:.1f} tokens/s; 'vs ort' = latency ratio (lower is better)")
     out.print(table)
@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="prefill/decode latency of a target next to onnxruntime",
                         description="Prefill and decode-step latency, tokens/s and peak memory of a target and of "
-                                    "onnxruntime (CPU) on the same model in the same run, with their ratio and the "
-                                    "memory-bandwidth bound of a decode step.")
+                                    "onnxruntime on the same device (CPU execution provider; CUDA execution "
+                                    "provider for --target cuda) on the same model in the same run, with their "
+                                    "ratio and the memory-bandwidth bound of a decode step.")
     be.add_argument("model", help=".onnx file")
     be.add_argument("--target", default="cpu")
     be.add_argument("--prefill", type=int, default=32, help="prompt tokens of the prefill step")
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--ort-accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                     help="onnxruntime's compute for 4/8-bit weights: 0 = float activations (its reference mode, "
                          "slow), 4 = int8 activations (fast, ~1e-2 error); default: onnxruntime's own default")
+    be.add_argument("--cuda-graphs", action="store_true",
+                    help="cuda target: capture steps whose shapes repeat in CUDA graphs and replay them")
     be.add_argument("--json", metavar="OUT.json", help="write all figures as JSON")
     be.set_defaults(func=cmd_bench)
     return p

@@ -197,3 +197,17 @@ def test_kernel_sources_name_every_launch():
     src = ck.SOURCES["dq"]
     for name in ck.dq_kernel_names():
         assert f'extern "C" __global__ void {name}(' in src
+
+
+def test_bench_worker_runs_a_device_resident_decode_loop():
+    from graphopt._bench import worker
+
+    cfg = {"model": str(FIXTURES / "qwen2-dynamo-decode.onnx"), "engine": "cuda", "emulate": True, "phase": "decode",
+           "prefill": 4, "past": 16, "runs": 5, "warmup": 2, "batch": 1, "threads": 1}
+    res = worker(cfg)
+    assert res["decode_loop"] is True and res["median_s"] > 0
+    n_kv = 4  # 2 layers x (key, value)
+    # the first step copies the bench's 16-token past into buffers; the other 6 append in place
+    assert res["stats"]["kv_copied"] == n_kv and res["stats"]["kv_in_place"] == 6 * n_kv
+    prefill = worker({**cfg, "phase": "prefill"})
+    assert "decode_loop" not in prefill and prefill["tokens_per_s"] > 0
