@@ -36,12 +36,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt._errors import GraphoptError
@@ -49,33 +51,14 @@ from graphopt._ir import Model, array_view
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
+from graphopt.passes._blockquant import QuantSpec, Quantized, pack_int4, quantize_matrix
 from graphopt.rewrite import Namer, remove_dead
 
 logger = logging.getLogger(__name__)
 
 OPSET = 21  # blocked DequantizeLinear with INT4/UINT4
-# Candidate clipping factors for the search (1.0 = the block's extreme value); each candidate's
-# scale is then refined by least squares, so the grid only has to land near the optimum.
-_SEARCH = np.linspace(1.1, 0.6, 21)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    block: int
-    symmetric: bool = True
-    scale_dtype: str = "float32"
-    method: str = "rtn"
-
-    def check(self, what: str) -> None:
-        if self.bits not in (4, 8):
-            raise GraphoptError(f"{what}: {self.bits}-bit weights are not supported (use 4 or 8)")
-        if self.block < 16 or self.block & (self.block - 1):
-            raise GraphoptError(f"{what}: block size {self.block} is not a power of two >= 16")
-        if self.method not in ("rtn", "search", "activation"):
-            raise GraphoptError(f"{what}: unknown method {self.method!r} (rtn, search, activation)")
-        if self.scale_dtype not in ("float32", "float16"):
-            raise GraphoptError(f"{what}: scale dtype {self.scale_dtype!r} (float32 or float16)")
+_INT_TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+              (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
 
 
 # ------------------------------------------------------------------ the math
@@ -86,99 +69,13 @@ def quantize_blocks(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
     Returns integer codes [K, N] (int8 holding the 4-bit range when bits=4; uint8 when
     asymmetric), scales [ceil(K/B), N] and zero points (same shape) or None.
     ``importance`` [K] weights the squared error per row for the search. If ``stats`` is
-    given it receives the relative RMS error and SQNR of the dequantized weight.
-
-    Symmetric blocks use the whole signed range: the block's largest-magnitude value maps
-    to the most negative code (-8 for 4 bits), so the scale may be negative — one more
-    level than ``amax / 7`` (the layout of llama.cpp's Q4_0 and onnxruntime's quantizer).
+    given it receives the relative RMS error and SQNR of the dequantized weight (see
+    :mod:`graphopt.passes._blockquant` for the arithmetic).
     """
-    k, n = w.shape
-    b = spec.block
-    nb = math.ceil(k / b)
-    pad = nb * b - k
-    wf = np.asarray(w, dtype=np.float32)
-    if pad:
-        wf = np.concatenate([wf, np.zeros((pad, n), np.float32)])
-    blocks = wf.reshape(nb, b, n)
-    if spec.method == "rtn" and importance is None:  # one pass, no search
-        q, sc, z = _quantize_with(blocks, spec, 1.0)
-        if stats is not None:
-            _stats(blocks, q, sc, z, stats)
-        return _pack(q, sc, z, spec, k, n)
-    imp = np.ones((nb, b, 1), np.float32)
-    if importance is not None:
-        imp = np.concatenate([importance.astype(np.float32), np.zeros(pad, np.float32)]).reshape(nb, b, 1)
-        imp = imp / max(float(imp.mean()), 1e-12) + 1e-3
-    if pad:
-        imp[-1, b - pad:, :] = 0.0  # padding rows never count
-    best_err = best_q = best_s = best_z = None
-    candidates = [(f, False) for f in _SEARCH] + ([(f, True) for f in _SEARCH] if spec.symmetric else [])
-    for f, flip in candidates:
-        q, sc, z = _quantize_with(blocks, spec, f, flip)
-        if spec.symmetric:  # least-squares scale for these codes
-            num = (imp * blocks * q).sum(axis=1, keepdims=True)
-            den = (imp * q * q).sum(axis=1, keepdims=True)
-            sc = np.where(den > 0, num / np.maximum(den, 1e-30), sc)
-        deq = (q - (z if z is not None else 0)) * sc
-        err = (imp * (blocks - deq) ** 2).sum(axis=1, keepdims=True)
-        if best_err is None:
-            best_err, best_q, best_s, best_z = err, q, sc, z
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_q = np.where(better, q, best_q)
-        best_s = np.where(better, sc, best_s)
-        if z is not None:
-            best_z = np.where(better, z, best_z)
+    q = quantize_matrix(w, spec, importance)
     if stats is not None:
-        _stats(blocks, best_q, best_s, best_z, stats)
-    return _pack(best_q, best_s, best_z, spec, k, n)
-
-
-def _pack(q, sc, z, spec: QuantSpec, k: int, n: int):
-    nb = sc.shape[0]
-    codes = q.reshape(-1, n)[:k].astype(np.int8 if spec.symmetric else np.uint8)
-    zeros = z.reshape(nb, n).astype(np.uint8) if z is not None else None
-    return codes, sc.reshape(nb, n).astype(spec.scale_dtype), zeros
-
-
-_STATS_ELEMENTS = 2**22
-
-
-def _stats(blocks, q, sc, z, stats: dict) -> None:
-    """Relative RMS error and SQNR; on big weights from an evenly strided sample of columns
-    (a few million elements pin the ratio down to well under 1%)."""
-    step = max(1, blocks.size // _STATS_ELEMENTS)
-    if step > 1:
-        blocks, q, sc = blocks[..., ::step], q[..., ::step], sc[..., ::step]
-        z = z[..., ::step] if z is not None else None
-    diff = (q - z) * sc if z is not None else q * sc
-    np.subtract(blocks, diff, out=diff)
-    flat, ref_flat = diff.reshape(-1), blocks.reshape(-1)
-    err, ref = float(np.dot(flat, flat)), float(np.dot(ref_flat, ref_flat))
-    rel = math.sqrt(err / ref) if ref > 0 else 0.0
-    stats.update(rel_rms_error=rel, sqnr_db=(20 * math.log10(1 / rel)) if rel > 0 else float("inf"))
-
-
-def _quantize_with(blocks: np.ndarray, spec: QuantSpec, f: float, flip: bool = False):
-    if spec.symmetric:
-        levels = 2 ** (spec.bits - 1)  # codes -levels .. levels-1
-        hi, lo = blocks.max(axis=1, keepdims=True), blocks.min(axis=1, keepdims=True)
-        extreme = np.where(hi >= -lo, hi, lo) * f  # the signed value of largest magnitude
-        # the extreme on the -levels code (one more level), or with ``flip`` on +(levels - 1)
-        divisor = (levels - 1) if flip else -levels
-        sc = np.where(extreme != 0, extreme / divisor, 1.0).astype(np.float32)
-        q = blocks * (1.0 / sc)
-        np.rint(q, out=q)
-        np.clip(q, -levels, levels - 1, out=q)
-        return q, sc, None
-    qmax = 2 ** spec.bits - 1
-    lo = np.minimum(blocks.min(axis=1, keepdims=True), 0) * f
-    hi = np.maximum(blocks.max(axis=1, keepdims=True), 0) * f
-    sc = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-    z = np.clip(np.rint(-lo / sc), 0, qmax)
-    q = np.clip(np.rint(blocks / sc) + z, 0, qmax)
-    return q, sc, z
+        stats.update(q.stats())
+    return q.codes, q.scales.astype(spec.scale_dtype), q.zeros
 
 
 def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int) -> np.ndarray:
@@ -195,12 +92,18 @@ def error_stats(w: np.ndarray, deq: np.ndarray) -> dict[str, float]:
     return {"rel_rms_error": rel, "sqnr_db": (20 * math.log10(1 / rel)) if rel > 0 else float("inf")}
 
 
-def _tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> gs.Constant:
-    """An initializer holding packed 4-bit (or 8-bit) codes, exported without re-encoding."""
-    if bits == 4:
-        values = values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
-    proto = onnx.numpy_helper.from_array(np.ascontiguousarray(values), name)
+def _tensor(name: str, shape: list[int], raw: np.ndarray, bits: int, signed: bool) -> gs.Constant:
+    """An initializer holding codes already laid out as ONNX stores them (4-bit: packed)."""
+    proto = TensorProto(name=name, dims=shape, data_type=_INT_TYPES[bits, signed])
+    proto.raw_data = raw.tobytes()
     return gs.Constant(name, LazyValues(proto))
+
+
+def _layout(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Codes computed reduction-axis-first, in the weight's own layout (4-bit: packed)."""
+    if axis == 1:
+        values = values.T
+    return pack_int4(values) if bits == 4 else np.ascontiguousarray(values)
 
 
 # ------------------------------------------------------------------ the pass
@@ -254,17 +157,21 @@ class Quantize(Pass):
             raise GraphoptError(f"quantize needs opset {OPSET} for blocked DequantizeLinear: {reason}")
         uses = self._find(model, ctx)  # an upgrade re-creates the graph
         importance = self._importance(model, uses) if common["method"] == "activation" else {}
+        todo = [(use, specs[use.role]) for use in uses if use.role in specs]
         details, counts, saved = [], {"quantized": 0}, 0
         names = Namer(model.graph)
-        for use in uses:
-            spec = specs.get(use.role)
-            if spec is None:
-                continue
-            info = self._quantize(model.graph, use, spec, importance.get(id(use.weight)), names)
-            details.append(info)
-            counts["quantized"] += 1
-            counts[f"{use.role}"] = counts.get(use.role, 0) + 1
-            saved += info["bytes_before"] - info["bytes_after"]
+        # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first;
+        # the graph is rewritten here, in the graph's order, as results arrive.
+        workers = max(1, min(len(todo), int(ctx.option("quant_threads", os.cpu_count() or 1))))
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {id(use): pool.submit(_compute, use, spec, importance.get(id(use.weight)))
+                       for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))}
+            for use, spec in todo:
+                info = self._rewrite(model.graph, use, spec, futures.pop(id(use)).result(), names)
+                details.append(info)
+                counts["quantized"] += 1
+                counts[f"{use.role}"] = counts.get(use.role, 0) + 1
+                saved += info["bytes_before"] - info["bytes_after"]
         remove_dead(model.graph)
         counts["bytes_saved"] = saved
         return PassResult(counts["quantized"] > 0, counts, details={"weights": details})
@@ -335,24 +242,18 @@ class Quantize(Pass):
         return result
 
     # ------------------------------------------------------------- rewrite
-    def _quantize(self, graph: gs.Graph, use: _Use, spec: QuantSpec, importance: np.ndarray | None,
-                  unique_name) -> dict:
+    def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, done: tuple, unique_name) -> dict:
         w = use.weight
-        values = array_view(w)  # no copy of the float weight
-        mat = values if use.axis == 0 else values.T  # reduction axis first
-        if importance is not None and importance.shape[0] != mat.shape[0]:
-            importance = None
-        stats: dict = {}
-        codes, scales, zeros = quantize_blocks(mat, spec, importance, stats)
+        q, codes, zeros = done
+        scales = q.scales.astype(spec.scale_dtype)
         if use.axis == 1:
-            codes, scales = codes.T, scales.T
-            zeros = zeros.T if zeros is not None else None
+            scales = scales.T
         base = w.name
-        q = _tensor(unique_name(f"{base}_q{spec.bits}"), codes, spec.bits, spec.symmetric)
+        qt = _tensor(unique_name(f"{base}_q{spec.bits}"), list(w.shape), codes, spec.bits, spec.symmetric)
         s = gs.Constant(unique_name(f"{base}_scale"), np.ascontiguousarray(scales))
-        inputs = [q, s]
+        inputs = [qt, s]
         if zeros is not None:
-            inputs.append(_tensor(unique_name(f"{base}_zero_point"), zeros, spec.bits, False))
+            inputs.append(_tensor(unique_name(f"{base}_zero_point"), list(scales.shape), zeros, spec.bits, False))
         out_dtype = np.dtype(w.dtype)
         deq_t = gs.Variable(unique_name(f"{base}_dequantized"), out_dtype, list(w.shape))
         attrs = {"axis": use.axis, "block_size": spec.block}
@@ -365,9 +266,20 @@ class Quantize(Pass):
         for consumer in list(w.outputs):
             if consumer is not node:
                 consumer.inputs = [deq_t if t is w else t for t in consumer.inputs]
-        before = values.nbytes
-        after = (codes.size * spec.bits + 7) // 8 + scales.nbytes + (
-            (zeros.size * spec.bits + 7) // 8 if zeros is not None else 0)
+        before = int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
+        after = codes.nbytes + scales.nbytes + (zeros.nbytes if zeros is not None else 0)
         return {"name": base, "role": use.role, "shape": list(w.shape), "bits": spec.bits, "block": spec.block,
                 "axis": use.axis, "method": spec.method, "bytes_before": int(before), "bytes_after": int(after),
-                **stats}
+                **q.stats()}
+
+
+def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | None) -> tuple:
+    """The arithmetic of one weight (no graph access: runs on a worker thread): the result,
+    and codes and zero points as they will be stored."""
+    values = array_view(use.weight)  # no copy of the float weight
+    mat = values if use.axis == 0 else values.T  # reduction axis first
+    if importance is not None and importance.shape[0] != mat.shape[0]:
+        importance = None
+    q = quantize_matrix(mat, spec, importance)
+    zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
+    return q, _layout(q.codes, spec.bits, use.axis), zeros
