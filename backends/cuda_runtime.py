@@ -541,10 +541,13 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False) -> 
             params = PARAMS.get(node.op, frozenset())
             ins = list(node.inputs)
             if domain == INTERNAL_DOMAIN:  # the prepared weight replaces its constant operands
-                w = _quant_weight(node, device)
-                weight_bytes += w.nbytes
-                wname = f"{node.name}::weight"
-                constants[slot(wname)] = w
+                consts = tuple(t.name for t in ins if isinstance(t, gs.Constant))
+                flip = int(node.attrs.get("transposed", 0)) or node.op == "DequantGather"
+                wname = f"{'+'.join(consts)}::gemv{'T' if flip else ''}"  # a tied matrix is laid out once
+                if slot(wname) not in constants:
+                    w = _quant_weight(node, device)
+                    weight_bytes += w.nbytes
+                    constants[slot(wname)] = w
                 on_device[wname] = True
                 data = [t for t in ins if not isinstance(t, gs.Constant) and t.name]
                 pairs = [(data[0].name, None), (wname, None)] if node.op == "DequantMatMul" else \

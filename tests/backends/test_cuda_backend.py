@@ -125,6 +125,11 @@ def test_quantized_fixture_matches_the_cpu_backend(name, options):
     assert exe.rewrites["dequant_matmul"] + exe.rewrites["tied_dequant_matmul"] >= n_dq
     if name.startswith("qwen2"):  # the tied embedding/LM head is one quantized matrix read two ways
         assert exe.rewrites["tied_dequant_matmul"] == 2
+    # one device copy per quantized weight, in the packed layout (a tied matrix too)
+    gemv = [v for v in exe._base if isinstance(v, ck.GemvWeight)]
+    assert len(gemv) == n_dq
+    # device memory for weights stays near the quantized file's size (zero points widen to float32)
+    assert exe.weight_bytes <= 1.3 * model.to_onnx().ByteSize()
 
 
 def _reference_dequant(codes, scale, zero, block):
