@@ -46,6 +46,9 @@ EXTERNAL_MIN_BYTES = 1024
 #: Offsets in external data files are aligned so each tensor can be mmapped.
 ALIGNMENT = 4096
 _COPY_CHUNK = 64 * 2**20
+# numpy scalar types whose arrays are an ONNX tensor's raw_data byte for byte.
+_NUMPY_TYPES = {np.dtype(d).type: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d)) for d in (
+    "float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")}
 
 # onnx dtypes a numpy memmap can represent byte-for-byte.
 _MEMMAPPABLE = {
@@ -131,6 +134,16 @@ class ExternalValues(LazyValues):
 
     def __str__(self) -> str:
         return f"ExternalValues({self.path.name}@{self.offset}, shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclass
+class _Payload:
+    """A constant's values as held (restored after export) and its bytes as written: an
+    :class:`ExternalValues` (streamed from its file), an inline tensor's raw bytes or a
+    C-contiguous numpy array."""
+
+    values: object
+    data: object
 
 
 @dataclass
@@ -315,6 +328,31 @@ class Model:
         return proto
 
     # ------------------------------------------------------------------ save
+    def _payloads(self) -> list[tuple[gs.Constant, _Payload, TensorProto]]:
+        """Constants of at least ``EXTERNAL_MIN_BYTES`` whose bytes saving writes straight to
+        the file instead of through a TensorProto copy, each with a data-less TensorProto to
+        export in its place."""
+        found = []
+        for t in self.constants().values():
+            v = t._values
+            if isinstance(v, ExternalValues):
+                payload, dims, data_type = v, list(v.tensor.dims), v.tensor.data_type
+            elif isinstance(v, LazyValues):
+                tp = v.tensor
+                if uses_external_data(tp) or not tp.HasField("raw_data") or tensor_nbytes(tp) < EXTERNAL_MIN_BYTES:
+                    continue
+                payload, dims, data_type = tp.raw_data, list(tp.dims), tp.data_type
+            elif isinstance(v, np.ndarray) and v.dtype.kind in "biuf" and v.dtype.isnative and \
+                    v.nbytes >= EXTERNAL_MIN_BYTES and v.dtype.type in _NUMPY_TYPES:
+                payload, dims, data_type = np.ascontiguousarray(v), list(v.shape), _NUMPY_TYPES[v.dtype.type]
+            else:
+                continue
+            stub = TensorProto(name=t.name, dims=dims, data_type=data_type)
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="<payload>")
+            found.append((t, _Payload(v, payload), stub))
+        return found
+
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         """Write the model atomically.
 
@@ -328,13 +366,18 @@ class Model:
             raise ModelSaveError(f"cannot save to {path}: it is a directory")
         if not path.parent.exists():
             raise ModelSaveError(f"cannot save to {path}: directory {path.parent} does not exist")
-        sources = {
-            name: t._values for name, t in self.constants().items() if isinstance(t._values, ExternalValues)
-        }
+        payloads = self._payloads()
+        for t, _, stub in payloads:
+            t._values = LazyValues(stub)
         try:
             proto = self.to_onnx()
         except Exception as e:
             raise ModelSaveError(f"cannot save to {path}: export failed ({type(e).__name__}: {e})") from e
+        finally:
+            for t, payload, _ in payloads:
+                t._values = payload.values
+        sources = {t.name: payload.data for t, payload, _ in payloads}
+        _fill_subgraphs(proto.graph, sources, top=True)
         total = sum(tensor_nbytes(t) for t in proto.graph.initializer)
         if external_data is None:
             external_data = self.source_external_data or total > EXTERNAL_DATA_THRESHOLD
@@ -345,16 +388,16 @@ class Model:
             if external_data:
                 data_tmp = _temp_beside(path.with_name(data_name), temps)
                 _write_external(proto, sources, data_tmp, data_name)
+                with open(onnx_tmp, "wb") as f:
+                    f.write(proto.SerializeToString())
+                    f.flush()
+                    os.fsync(f.fileno())
             else:
-                _inline_external(proto, sources)
-            blob = proto.SerializeToString()
-            if len(blob) > PROTOBUF_LIMIT:
-                raise ModelSaveError("the model exceeds protobuf's 2 GiB limit; save with external_data=True")
-            with open(onnx_tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            del blob
+                if total + proto.ByteSize() > PROTOBUF_LIMIT:
+                    raise ModelSaveError("the model exceeds protobuf's 2 GiB limit; save with external_data=True")
+                with open(onnx_tmp, "wb", buffering=0) as f:
+                    _write_inline(f, proto, sources)
+                    os.fsync(f.fileno())
             if external_data:
                 os.replace(data_tmp, path.with_name(data_name))
             os.replace(onnx_tmp, path)
@@ -384,22 +427,21 @@ def _umask() -> int:
     return mask
 
 
-def _write_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues], data_tmp: Path,
+def _write_external(proto: onnx.ModelProto, sources: dict[str, object], data_tmp: Path,
                     data_name: str) -> None:
-    """Move every large initializer's bytes into ``data_tmp``, streaming from the source file
-    for tensors that were external already, and point the protos at ``data_name``."""
-    with open(data_tmp, "wb") as out:
+    """Move every large initializer's bytes into ``data_tmp`` (payloads written straight from
+    where they are, see :meth:`Model._payloads`) and point the protos at ``data_name``."""
+    with open(data_tmp, "wb", buffering=0) as out:
         for t in proto.graph.initializer:
             src = sources.get(t.name) if uses_external_data(t) else None
             if src is None and (not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES):
                 continue  # small or typed-field tensors stay inline
-            pad = (-out.tell()) % ALIGNMENT
+            pos = out.tell()
+            pad = (-pos) % ALIGNMENT
             out.write(b"\0" * pad)
-            offset = out.tell()
+            offset = pos + pad
             if src is not None:
-                for block in src.iter_bytes():
-                    out.write(block)
-                length = src.length
+                length = _write_payload(out, src)
             else:
                 out.write(t.raw_data)
                 length = len(t.raw_data)
@@ -408,19 +450,112 @@ def _write_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues], 
             t.data_location = TensorProto.EXTERNAL
             for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
                 t.external_data.add(key=k, value=v)
-        out.flush()
         os.fsync(out.fileno())
 
 
-def _inline_external(proto: onnx.ModelProto, sources: dict[str, ExternalValues]) -> None:
+def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> None:
+    """Serialize ``proto`` to the unbuffered file ``out`` with each payload as its initializer's
+    ``raw_data``, written straight from where it is (never one multi-GB bytes object).
+
+    Protobuf fields may come in any order, so the model is written as its other fields, then
+    the graph field: the graph's other fields, then every initializer."""
+    head = onnx.ModelProto()
+    head.CopyFrom(proto)
+    head.ClearField("graph")
+    body = onnx.GraphProto()
+    body.CopyFrom(proto.graph)
+    body.ClearField("initializer")
+    pieces: list = [body.SerializeToString()]
     for t in proto.graph.initializer:
-        if uses_external_data(t):
-            src = sources.get(t.name)
-            if src is None:
+        src = sources.get(t.name) if uses_external_data(t) else None
+        if src is None:
+            if uses_external_data(t):
                 raise ModelSaveError(f"tensor {t.name!r} refers to external data graphopt did not load")
-            t.raw_data = b"".join(src.iter_bytes())
-            del t.external_data[:]
-            t.data_location = TensorProto.DEFAULT
+            data = t.SerializeToString()
+            pieces.append(_key(5) + _varint(len(data)) + data)
+            continue
+        header = TensorProto()
+        header.CopyFrom(t)
+        header.ClearField("external_data")
+        header.ClearField("data_location")
+        data = header.SerializeToString()
+        n = _payload_length(src)
+        raw_head = _key(9) + _varint(n)
+        pieces += [_key(5) + _varint(len(data) + len(raw_head) + n) + data + raw_head, src]
+    size = sum(len(p) if isinstance(p, bytes) else _payload_length(p) for p in pieces)
+    out.write(head.SerializeToString() + _key(7) + _varint(size))
+    for p in pieces:
+        if isinstance(p, bytes):
+            out.write(p)
+        else:
+            _write_payload(out, p)
+
+
+def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: bool = False) -> None:
+    """Initializers of subgraphs (If/Loop bodies) get their payloads inline; only the main
+    graph's are written straight to the file."""
+    if not top:
+        for t in graph.initializer:
+            src = sources.get(t.name) if uses_external_data(t) else None
+            if src is not None and {e.key: e.value for e in t.external_data}.get("location") == "<payload>":
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = b"".join(src.iter_bytes()) if isinstance(src, ExternalValues) else bytes(
+                    memoryview(src).cast("B") if isinstance(src, np.ndarray) else src)
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _fill_subgraphs(g, sources)
+
+
+def _key(field: int) -> bytes:
+    """The key of a length-delimited protobuf field."""
+    return _varint(field << 3 | 2)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _payload_length(src) -> int:
+    if isinstance(src, ExternalValues):
+        return src.length
+    return src.nbytes if isinstance(src, np.ndarray) else len(src)
+
+
+def _write_payload(out, src) -> int:
+    """Write one payload to the unbuffered file ``out``; external data is copied by the kernel
+    (``copy_file_range``) where it can be, else streamed."""
+    if not isinstance(src, ExternalValues):
+        data = memoryview(src).cast("B") if isinstance(src, np.ndarray) else src
+        out.write(data)
+        return len(data)
+    left = src.length
+    try:
+        with open(src.path, "rb", buffering=0) as f:
+            offset = src.offset
+            while left > 0:
+                n = os.copy_file_range(f.fileno(), out.fileno(), left, offset)
+                if n == 0:
+                    break
+                offset += n
+                left -= n
+    except (OSError, AttributeError):
+        if left != src.length:  # partly copied: not safe to fall back
+            raise
+    if left == src.length:
+        for block in src.iter_bytes():
+            out.write(block)
+        left = 0
+    if left:
+        raise ModelSaveError(f"external data file {src.path} ends early: tensor {src.tensor.name!r} "
+                             f"needs {src.length} bytes at offset {src.offset}")
+    return src.length
 
 
 def load(path: str | os.PathLike) -> Model:

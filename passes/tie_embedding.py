@@ -10,8 +10,11 @@ an embedding table (else the first), and feeds the other's consumers
 once for both uses. Byte-equal duplicates without transposition are the job of
 ``initializer-dedupe``.
 
-Candidates are pairs of shapes (a, b) and (b, a); 64 sampled elements are compared
-before any full comparison, which is streamed in row blocks.
+Candidates are pairs of shapes (a, b) and (b, a). Each matrix gets a fingerprint, 64
+elements at positions drawn from its shape (read at the transposed positions for the
+(b, a) side), so only pairs whose fingerprints are equal are compared in full, streamed
+in row blocks: a model with nothing tied costs one small read per weight, not one per
+pair of same-shaped weights.
 """
 
 from __future__ import annotations
@@ -54,6 +57,18 @@ def is_transpose_of(a: gs.Constant, b: gs.Constant, samples: int = 64, views: di
     return True
 
 
+def _sample_positions(shape: tuple, samples: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(shape)
+    return rng.integers(0, shape[0], samples), rng.integers(0, shape[1], samples)
+
+
+def _fingerprint(values: np.ndarray, positions: tuple[np.ndarray, np.ndarray], transposed: bool) -> bytes:
+    """Bytes of the sampled elements; ``transposed`` reads ``values.T`` at ``positions``, so a
+    matrix and its transposed copy have the same fingerprint."""
+    i, j = positions
+    return np.ascontiguousarray(values[j, i] if transposed else values[i, j]).tobytes()
+
+
 def _is_embedding(t: gs.Constant) -> bool:
     return any(n.op == "Gather" and n.inputs[0] is t for n in t.outputs)
 
@@ -74,15 +89,33 @@ class TieEmbeddingDedupe(Pass):
         done: set[int] = set()
         views: dict[int, np.ndarray] = {}
         outputs = {id(t) for t in graph.outputs}
+        prints: dict[tuple, dict[int, bytes]] = {}  # (shape, transposed) -> id -> fingerprint
+
+        def fingerprints(shape: tuple, transposed: bool) -> dict[int, bytes]:
+            key = (shape, transposed)
+            if key not in prints:  # positions in the (rows, cols) frame of `shape`, or of its transpose
+                frame = shape[::-1] if transposed else shape
+                positions = _sample_positions(frame)
+                result = {}
+                for t in by_shape[shape]:
+                    if id(t) not in views:
+                        views[id(t)] = array_view(t)
+                    result[id(t)] = _fingerprint(views[id(t)], positions, transposed)
+                prints[key] = result
+            return prints[key]
+
         for shape, group in list(by_shape.items()):
             partners = by_shape.get(shape[::-1], [])
             if shape[0] == shape[1]:
                 partners = group
+            if not partners:
+                continue
+            mine, theirs = fingerprints(shape, False), fingerprints(shape[::-1], True)
             for a in group:
                 for b in partners:
                     if a is b or id(a) in done or id(b) in done or id(a) in outputs or id(b) in outputs:
                         continue
-                    if not is_transpose_of(a, b, views=views):
+                    if mine[id(a)] != theirs[id(b)] or not is_transpose_of(a, b, views=views):
                         continue
                     keep, drop = (b, a) if _is_embedding(b) and not _is_embedding(a) else (a, b)
                     self._rewire(graph, keep, drop)
