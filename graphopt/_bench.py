@@ -188,14 +188,32 @@ def _engine(cfg: dict, model):
     return graphopt.compile(model, graphopt.get_backend(engine))
 
 
-def decode_loop(exe, model, feeds: dict, steps: int):
+def decode_loop(exe, model, feeds: dict, steps: int, static: bool = False):
     """Yields the seconds of each of ``steps`` decode steps, feeding each step's KV cache back
-    (kept in the engine's memory) and its greedy token as the next input."""
-    from graphopt._evaluate import _past_inputs
+    (kept in the engine's memory) and its greedy token as the next input. ``static``: after
+    one untimed step on ``feeds``, fixed-size KV buffers (``graphopt._evaluate.StaticKV``), so
+    every timed step has the same shapes and a CUDA graph can replay it."""
+    from graphopt._evaluate import StaticKV, _past_inputs, input_names
 
     pairs = _past_inputs(model)
     presents = frozenset(p for _, p in pairs)
     feeds = dict(feeds)
+    if static:
+        out = exe.step(feeds, keep=presents)
+        total = np.asarray(feeds["attention_mask"]).shape[1]
+        kv = StaticKV(pairs, -(-(total + steps + 2) // 64) * 64)
+        kv.start(out)
+        token = int(np.argmax(out["logits"][0, -1]))
+        names = set(input_names(model))
+        for _ in range(steps):
+            step_feeds = kv.feeds(token, names)
+            t = time.perf_counter()
+            out = exe.step(step_feeds, keep=presents)
+            token = int(np.argmax(out["logits"][0, -1]))
+            elapsed = time.perf_counter() - t
+            kv.advance(out)
+            yield elapsed
+        return
     for _ in range(steps):
         t = time.perf_counter()
         out = exe.step(feeds, keep=presents)
@@ -234,8 +252,9 @@ def worker(cfg: dict) -> dict:
     feeds = build_inputs(model, spec)
     extra = {}
     if engine in DEVICE_ENGINES and cfg["phase"] == "decode" and kv:
-        times = list(decode_loop(exe, model, feeds, cfg["warmup"] + cfg["runs"]))[cfg["warmup"]:]
-        extra["decode_loop"] = True
+        static = bool(cfg.get("graphs")) and engine == "cuda" and cfg["batch"] == 1
+        times = list(decode_loop(exe, model, feeds, cfg["warmup"] + cfg["runs"], static=static))[cfg["warmup"]:]
+        extra["decode_loop"] = "static KV buffers" if static else "growing KV cache"
     else:
         sync = getattr(exe, "synchronize", lambda: None)
         for _ in range(cfg["warmup"]):

@@ -316,8 +316,18 @@ def _prompt(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    tokens = generate(args.model, _prompt(args.prompt_ids), args.max_new_tokens, args.target,
-                      eos_token_id=args.eos_token_id)
+    target = args.target
+    if args.cuda_graphs:
+        if target != "cuda":
+            raise GraphoptError("--cuda-graphs needs --target cuda")
+        from graphopt.backends.cuda import CudaBackend
+
+        target = CudaBackend(graphs=True)
+    static = args.static_kv
+    if static is None and args.cuda_graphs:  # fixed shapes are what a graph replays
+        static = -(-(len(_prompt(args.prompt_ids)) + args.max_new_tokens + 2) // 64) * 64
+    tokens = generate(args.model, _prompt(args.prompt_ids), args.max_new_tokens, target,
+                      eos_token_id=args.eos_token_id, static_kv=static)
     if args.json:
         _dump_json({"prompt_ids": _prompt(args.prompt_ids), "tokens": tokens})
     else:
@@ -442,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--eos-token-id", type=int, help="stop after this token")
+    g.add_argument("--static-kv", type=int, metavar="SLOTS",
+                   help="decode with fixed-size KV buffers of SLOTS tokens (every step has the same shapes)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="cuda target: capture the fixed-shape decode step in a CUDA graph and replay it")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=cmd_generate)
 

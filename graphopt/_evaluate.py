@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +14,8 @@ from graphopt._backend import Backend, Executable
 from graphopt._errors import GraphoptError
 from graphopt._inputs import PAST_RE, InputSpec, build_inputs, has_kv_cache
 from graphopt._ir import Model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,12 +125,85 @@ def _past_inputs(model: Model) -> list[tuple[str, str]]:
     return pairs
 
 
+class StaticKV:
+    """Fixed-size KV buffers for a decode loop: every decode step has the same input shapes.
+
+    The past fed to each step is ``capacity - 1`` slots long; ``attention_mask`` (length
+    ``capacity``) marks the slots that hold real tokens, ``position_ids`` carries each new
+    token's true position, and the graph appends the new token's keys/values in the last
+    slot. After the step that entry is moved to the first free slot. Attention over keys
+    does not depend on their order, so the logits are those of the growing cache: this
+    holds for models whose mask comes from ``attention_mask`` plus causality (Llama,
+    Qwen, Gemma, Phi), not for sliding-window masks computed from key positions, which
+    is why :meth:`check` compares the first static step with a dynamic one.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], capacity: int):
+        self.pairs = pairs
+        self.capacity = capacity
+        self.length = 0  # slots holding real tokens
+        self.past: dict[str, Any] = {}
+
+    def start(self, presents: dict[str, Any]) -> None:
+        """Copies a (prefill) step's present KV into the buffers, on the host, once."""
+        for name, present in self.pairs:
+            kv = np.asarray(_to_host(presents[present]))
+            b, h, n, d = kv.shape
+            if n >= self.capacity - 1:
+                raise GraphoptError(f"static KV cache: {n} tokens do not fit a capacity of {self.capacity}")
+            buf = np.zeros((b, h, self.capacity - 1, d), kv.dtype)
+            buf[:, :, :n] = kv
+            self.past[name] = buf
+            self.length = n
+
+    def feeds(self, token: int, names: set[str]) -> dict[str, Any]:
+        if self.length >= self.capacity - 1:
+            raise GraphoptError(f"static KV cache full ({self.capacity} slots)")
+        feeds: dict[str, Any] = {"input_ids": np.array([[token]], dtype=np.int64), **self.past}
+        if "attention_mask" in names:
+            mask = np.zeros((1, self.capacity), dtype=np.int64)
+            mask[0, :self.length] = 1
+            mask[0, -1] = 1
+            feeds["attention_mask"] = mask
+        if "position_ids" in names:
+            feeds["position_ids"] = np.array([[self.length]], dtype=np.int64)
+        return feeds
+
+    def advance(self, out: dict[str, Any]) -> None:
+        """Moves each present's last slot (the new token) into the first free slot; the
+        presents (arrays of this step's outputs, host or device) become the next past."""
+        for name, present in self.pairs:
+            kv = out[present]
+            kv[:, :, self.length] = kv[:, :, self.capacity - 1]
+            self.past[name] = kv[:, :, :self.capacity - 1]
+        self.length += 1
+
+
+def _static_agrees(exe: Executable, static_out: dict, past: dict, token: int, position: int, names: set[str],
+                   presents: frozenset[str]) -> bool:
+    """Runs the first fixed-shape decode step again with the growing cache; True when the logits agree."""
+    feeds = {"input_ids": np.array([[token]], dtype=np.int64), **past,
+             "attention_mask": np.ones((1, position + 1), dtype=np.int64)}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.array([[position]], dtype=np.int64)
+    want = np.asarray(_to_host(exe.step(feeds, keep=presents)["logits"]))
+    got = np.asarray(_to_host(static_out["logits"]))
+    scale = max(float(np.abs(want).max()), 1.0)
+    return got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3 * scale
+
+
+def _to_host(value: Any) -> np.ndarray:
+    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
+
+
 def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_tokens: int,
              target: str | Backend = "cpu", *, executable: Executable | None = None,
-             eos_token_id: int | None = None) -> list[int]:
+             eos_token_id: int | None = None, static_kv: int | None = None) -> list[int]:
     """Greedy decoding, batch 1, with the KV cache when the model has one.
 
     Models without ``past_key_values.*`` inputs are re-run on the whole sequence each step.
+    ``static_kv``: decode steps after the prompt use fixed-size KV buffers of this many
+    slots (:class:`StaticKV`), so every step has the same shapes (what a CUDA graph replays).
     """
     m = _as_model(model)
     names = set(input_names(m))
@@ -137,6 +214,8 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
         raise GraphoptError("the prompt is empty")
     exe = executable or compile(m, target)
     pairs = _past_inputs(m)
+    if static_kv is not None and (not pairs or "attention_mask" not in names):
+        raise GraphoptError("static_kv needs a model with a KV cache and an attention_mask input")
     shapes = {t.name: t.shape for t in m.graph.inputs}
     dtypes = {t.name: (np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)) for t in m.graph.inputs}
     tokens = list(prompt_ids)
@@ -146,9 +225,12 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
         past[name] = np.zeros((1, dims[1], 0, dims[3]), dtype=dtypes[name])
     new: list[int] = []
     presents = frozenset(present for _, present in pairs)  # the KV cache may stay in the backend's memory
+    static = StaticKV(pairs, static_kv) if static_kv is not None else None
     step_ids = tokens
-    for _ in range(max_new_tokens):
-        if pairs:
+    for i in range(max_new_tokens):
+        if static is not None and i > 0:
+            feeds = static.feeds(step_ids[0], names)
+        elif pairs:
             p = len(tokens) - len(step_ids)
             feeds = {"input_ids": np.array([step_ids], dtype=np.int64)}
             total = p + len(step_ids)
@@ -157,16 +239,32 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
             p, total = 0, len(tokens)
             feeds = {"input_ids": np.array([tokens], dtype=np.int64)}
             step_ids = tokens
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(p, total, dtype=np.int64)[None, :]
+        if static is None or i == 0:
+            if "attention_mask" in names:
+                feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+            if "position_ids" in names:
+                feeds["position_ids"] = np.arange(p, total, dtype=np.int64)[None, :]
         out = exe.step(feeds, keep=presents)
+        if static is not None and i == 1 and not _static_agrees(exe, out, past, step_ids[0], len(tokens) - 1,
+                                                                 names, presents):
+            logger.warning("static KV cache: the first fixed-shape step disagrees with a growing cache "
+                           "(a mask that depends on key positions, e.g. a sliding window); decoding without it")
+            static = None
+            feeds = {"input_ids": np.array([step_ids], dtype=np.int64), **past,
+                     "attention_mask": np.ones((1, len(tokens)), dtype=np.int64)}
+            if "position_ids" in names:
+                feeds["position_ids"] = np.array([[len(tokens) - 1]], dtype=np.int64)
+            out = exe.step(feeds, keep=presents)
         token = int(np.argmax(out["logits"][0, -1]))
         new.append(token)
         tokens.append(token)
-        for name, present in pairs:
-            past[name] = out[present]
+        if static is not None and i > 0:
+            static.advance(out)
+        else:
+            if static is not None:
+                static.start(out)
+            for name, present in pairs:
+                past[name] = out[present]
         step_ids = [token]
         if eos_token_id is not None and token == eos_token_id:
             break
