@@ -476,10 +476,12 @@ def _gather_nd(n: KNode, d: Device):
         xb = x.reshape((nb,) + tuple(x.shape[bd:]))
         ib = idx.reshape((nb,) + tuple(idx.shape[bd:])).astype(xp.int64, copy=False)
         k = int(ib.shape[-1])
-        dims = xp.asarray(np.array(xb.shape[1:1 + k], dtype=np.int64))
-        ib = xp.where(ib < 0, ib + dims, ib)
+        cols = []  # negative indices count from the end (no host array: a CUDA graph can capture this)
+        for i in range(k):
+            c = ib[..., i]
+            cols.append(xp.where(c < 0, c + xb.shape[1 + i], c))
         b = xp.arange(nb).reshape((nb,) + (1,) * (ib.ndim - 2))
-        res = xb[(b,) + tuple(ib[..., i] for i in range(k))]
+        res = xb[(b,) + tuple(cols)]
         return res.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[bd + k:]))
     return run
 
