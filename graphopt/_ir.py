@@ -34,6 +34,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt._errors import ModelLoadError, ModelSaveError
+from graphopt._wire import load_lazily
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ EXTERNAL_MIN_BYTES = 1024
 #: Offsets in external data files are aligned so each tensor can be mmapped.
 ALIGNMENT = 4096
 _COPY_CHUNK = 64 * 2**20
+#: Files at least this large are read without copying their inline weights (see _wire.py).
+LAZY_LOAD_BYTES = 64 * 2**20
 # numpy scalar types whose arrays are an ONNX tensor's raw_data byte for byte.
 _NUMPY_TYPES = {np.dtype(d).type: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d)) for d in (
     "float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")}
@@ -65,7 +68,7 @@ def array_view(t: gs.Constant) -> np.ndarray:
     values (reading ``t.values`` would), so export stays byte-for-byte."""
     v = t._values
     if isinstance(v, ExternalValues) or not isinstance(v, LazyValues):
-        return v.load() if isinstance(v, ExternalValues) else np.asarray(v)
+        return v.view() if isinstance(v, ExternalValues) else np.asarray(v)
     tp = v.tensor
     if tp.HasField("raw_data") and tp.data_type in _MEMMAPPABLE:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tp.data_type)
@@ -105,6 +108,13 @@ class ExternalValues(LazyValues):
         self.loads = 0  # how often values were materialised (tests, stats)
 
     def load(self) -> np.ndarray:
+        """The values; an aligned copy where the bytes sit at an offset the dtype's alignment
+        does not divide (inline tensors read in place, see :mod:`graphopt._wire`)."""
+        values = self.view()
+        return values if values.flags.aligned else np.array(values)
+
+    def view(self) -> np.ndarray:
+        """The values memory-mapped in place (possibly unaligned), never copied."""
         self.loads += 1
         shape = tuple(int(d) for d in self.tensor.dims)
         if self.data_type in _MEMMAPPABLE and self.length > 0:
@@ -134,6 +144,33 @@ class ExternalValues(LazyValues):
 
     def __str__(self) -> str:
         return f"ExternalValues({self.path.name}@{self.offset}, shape={self.shape}, dtype={self.dtype})"
+
+
+class RawValues(LazyValues):
+    """Values already in ONNX's byte layout (e.g. packed INT4 codes) held in a numpy buffer.
+
+    Saving writes the buffer as it is; ``tensor`` (what export and ``load()`` read) builds a
+    complete TensorProto on demand, so nothing else needs to know about this class."""
+
+    def __init__(self, name: str, dims: list[int], data_type: int, raw: np.ndarray):
+        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
+
+        self.header = TensorProto(name=name, dims=dims, data_type=data_type)
+        self.raw = np.ascontiguousarray(raw)
+        self.shape = tuple(dims)
+        self.dtype = get_onnx_tensor_dtype(self.header)
+        self.nbytes = self.raw.nbytes
+
+    @property
+    def tensor(self) -> TensorProto:
+        full = TensorProto()
+        full.CopyFrom(self.header)
+        full.raw_data = self.raw.tobytes()
+        return full
+
+    @tensor.setter
+    def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
+        self.header = value
 
 
 @dataclass
@@ -215,7 +252,9 @@ class Model:
         if path.is_dir():
             raise ModelLoadError(f"cannot load {path}: it is a directory, expected an .onnx file")
         try:
-            proto = onnx.load(str(path), load_external_data=False)
+            proto = load_lazily(path) if path.stat().st_size >= LAZY_LOAD_BYTES else None
+            if proto is None:
+                proto = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"cannot load {path}: not an ONNX model ({type(e).__name__})") from e
         except OSError as e:
@@ -232,9 +271,13 @@ class Model:
                         f"{ExternalDataInfo(t).location!r}, which does not exist beside the model"
                     )
         try:
-            return cls.from_proto(proto, base_dir=base_dir, source=path.resolve())
+            model = cls.from_proto(proto, base_dir=base_dir, source=path.resolve())
         except Exception as e:  # graphsurgeon rejects some malformed graphs
             raise ModelLoadError(f"cannot load {path}: malformed graph ({type(e).__name__}: {e})") from e
+        # Inline weights read in place are not external data: saving keeps them inline.
+        model.source_external_data = any(isinstance(t._values, ExternalValues) and t._values.path != model.source
+                                         for t in model.constants().values())
+        return model
 
     # ------------------------------------------------------------ inspection
     @property
@@ -303,7 +346,9 @@ class Model:
             v = t._values
             if isinstance(v, np.ndarray) and v.nbytes >= keep_below and v.dtype.kind in "biufc":
                 dims, data_type = list(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
-            elif isinstance(v, LazyValues) and not isinstance(v, ExternalValues) and \
+            elif isinstance(v, RawValues) and v.raw.nbytes >= keep_below:
+                dims, data_type = list(v.header.dims), v.header.data_type
+            elif isinstance(v, LazyValues) and not isinstance(v, (ExternalValues, RawValues)) and \
                     tensor_nbytes(v.tensor) >= keep_below:
                 dims, data_type = list(v.tensor.dims), v.tensor.data_type
             else:
@@ -337,6 +382,10 @@ class Model:
             v = t._values
             if isinstance(v, ExternalValues):
                 payload, dims, data_type = v, list(v.tensor.dims), v.tensor.data_type
+            elif isinstance(v, RawValues):
+                if v.raw.nbytes < EXTERNAL_MIN_BYTES:
+                    continue
+                payload, dims, data_type = v.raw, list(v.header.dims), v.header.data_type
             elif isinstance(v, LazyValues):
                 tp = v.tensor
                 if uses_external_data(tp) or not tp.HasField("raw_data") or tensor_nbytes(tp) < EXTERNAL_MIN_BYTES:

@@ -78,28 +78,33 @@ class QuantSpec:
 
 @dataclass
 class Quantized:
-    """Codes [K, N] (int8, or uint8 when asymmetric; 4-bit values unpacked), scales and zero
-    points [ceil(K / block), N], and the error figure's sums over the sampled tiles."""
+    """Codes [K, N] (int8, or uint8 when asymmetric; 4-bit values unpacked unless ``packed``:
+    then [K, N / 2] bytes in ONNX's INT4 layout), scales and zero points [ceil(K / block), N],
+    and the error figure's sums over the sampled tiles."""
 
     codes: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray | None
     err2: float
     ref2: float
+    packed: bool = False
 
     def stats(self) -> dict[str, float]:
         rel = math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else 0.0
         return {"rel_rms_error": rel, "sqnr_db": (20 * math.log10(1 / rel)) if rel > 0 else float("inf")}
 
 
-def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> Quantized:
+def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None,
+                    pack: bool = False) -> Quantized:
     """Quantize ``w`` [K, N] (any strides: a transposed view works) in blocks of ``spec.block``
     rows along axis 0. ``importance`` [K] weights each row's squared error in the search
-    (it implies the search when given with ``rtn``)."""
+    (it implies the search when given with ``rtn``). ``pack``: 4-bit codes come packed, tile
+    by tile, where N is even (no full-size unpacked array)."""
     k, n = w.shape
     b = spec.block
     nb = math.ceil(k / b)
-    codes = np.empty((k, n), np.int8 if spec.symmetric else np.uint8)
+    pack = pack and spec.bits == 4 and n % 2 == 0
+    codes = np.empty((k, n // 2) if pack else (k, n), np.uint8 if pack or not spec.symmetric else np.int8)
     scales = np.empty((nb, n), np.float32)
     zeros = None if spec.symmetric else np.empty((nb, n), np.float32)
     search = spec.method != "rtn" or importance is not None
@@ -113,6 +118,7 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
     # Tiles: m whole blocks by `cols` columns.
     tile = SEARCH_TILE if search else TILE
     cols = min(n, max(16, tile // b))
+    cols -= cols % 2 if pack else 0
     m = max(1, tile // (b * cols))
     tiles = [(g, c) for g in range(0, nb, m) for c in range(0, n, cols)]
     stride = max(1, (k * n) // STATS_ELEMENTS)
@@ -123,8 +129,8 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
         x = w[r0:r1, c0:c1]
         if r1 - r0 < (g1 - g0) * b:  # a partial last block: pad with zero rows
             x = np.concatenate([x, np.zeros(((g1 - g0) * b - (r1 - r0), c1 - c0), np.float32)])
-        elif x.dtype != np.float32 or not x.strides[1] == x.itemsize:
-            x = np.ascontiguousarray(x, dtype=np.float32)
+        elif x.dtype != np.float32 or x.strides[1] != x.itemsize or not x.flags.aligned:
+            x = np.array(x, dtype=np.float32, order="C")  # a cache-sized, aligned copy
         xb = x.reshape(g1 - g0, b, c1 - c0)
         if spec.symmetric:
             q, sc = (_search_symmetric(xb, spec.bits, imp[g0:g1] if imp is not None else None) if search
@@ -133,13 +139,17 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
         else:
             q, sc, z = _asymmetric(xb, spec.bits, imp[g0:g1] if imp is not None else None, search)
             zeros[g0:g1, c0:c1] = z
-        codes[r0:r1, c0:c1] = q.reshape(-1, c1 - c0)[:r1 - r0]
+        if pack:
+            tile_codes = q.reshape(-1, c1 - c0)[:r1 - r0].astype(np.int8 if spec.symmetric else np.uint8)
+            codes[r0:r1, c0 // 2:c1 // 2] = pack_int4(tile_codes).reshape(r1 - r0, (c1 - c0) // 2)
+        else:
+            codes[r0:r1, c0:c1] = q.reshape(-1, c1 - c0)[:r1 - r0]
         scales[g0:g1, c0:c1] = sc
         if i % stride == 0:
             e, r = _tile_error(xb, q, sc, z)
             err2 += e
             ref2 += r
-    return Quantized(codes, scales, zeros.astype(np.uint8) if zeros is not None else None, err2, ref2)
+    return Quantized(codes, scales, zeros.astype(np.uint8) if zeros is not None else None, err2, ref2, pack)
 
 
 def _rtn_symmetric(xb: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

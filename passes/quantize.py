@@ -44,10 +44,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt._errors import GraphoptError
-from graphopt._ir import Model, array_view
+from graphopt._ir import Model, RawValues, array_view
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
@@ -94,9 +93,7 @@ def error_stats(w: np.ndarray, deq: np.ndarray) -> dict[str, float]:
 
 def _tensor(name: str, shape: list[int], raw: np.ndarray, bits: int, signed: bool) -> gs.Constant:
     """An initializer holding codes already laid out as ONNX stores them (4-bit: packed)."""
-    proto = TensorProto(name=name, dims=shape, data_type=_INT_TYPES[bits, signed])
-    proto.raw_data = raw.tobytes()
-    return gs.Constant(name, LazyValues(proto))
+    return gs.Constant(name, RawValues(name, shape, _INT_TYPES[bits, signed], raw))
 
 
 def _layout(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -280,6 +277,6 @@ def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | None) -> tuple
     mat = values if use.axis == 0 else values.T  # reduction axis first
     if importance is not None and importance.shape[0] != mat.shape[0]:
         importance = None
-    q = quantize_matrix(mat, spec, importance)
+    q = quantize_matrix(mat, spec, importance, pack=use.axis == 0)
     zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
-    return q, _layout(q.codes, spec.bits, use.axis), zeros
+    return q, q.codes.reshape(-1) if q.packed else _layout(q.codes, spec.bits, use.axis), zeros

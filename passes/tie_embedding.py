@@ -10,7 +10,7 @@ an embedding table (else the first), and feeds the other's consumers
 once for both uses. Byte-equal duplicates without transposition are the job of
 ``initializer-dedupe``.
 
-Candidates are pairs of shapes (a, b) and (b, a). Each matrix gets a fingerprint, 64
+Candidates are pairs of shapes (a, b) and (b, a). Each matrix gets a fingerprint, 16
 elements at positions drawn from its shape (read at the transposed positions for the
 (b, a) side), so only pairs whose fingerprints are equal are compared in full, streamed
 in row blocks: a model with nothing tied costs one small read per weight, not one per
@@ -57,7 +57,7 @@ def is_transpose_of(a: gs.Constant, b: gs.Constant, samples: int = 64, views: di
     return True
 
 
-def _sample_positions(shape: tuple, samples: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _sample_positions(shape: tuple, samples: int = 16) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(shape)
     return rng.integers(0, shape[0], samples), rng.integers(0, shape[1], samples)
 

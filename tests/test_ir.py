@@ -88,6 +88,34 @@ def test_round_trip_inline_and_outputs_match(tmp_path, mlp_proto):
     assert {o.domain: o.version for o in reloaded.opset_import} == {"": 18}
 
 
+def test_big_inline_weights_are_read_in_place(tmp_path, mlp_proto, monkeypatch):
+    """Past LAZY_LOAD_BYTES a file's inline weights are memory-mapped where they lie (no
+    protobuf copy); values, saving (streamed, still inline) and outputs are unchanged."""
+    import graphopt._ir as ir
+    import graphopt._wire as wire
+
+    monkeypatch.setattr(ir, "LAZY_LOAD_BYTES", 0)
+    monkeypatch.setattr(wire, "MIN_PAYLOAD", 1024)
+    src = tmp_path / "in.onnx"
+    onnx.save(mlp_proto, str(src))
+    model = graphopt.load(src)
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in mlp_proto.graph.initializer}
+    lazy = {n: t._values for n, t in model.constants().items() if isinstance(t._values, ExternalValues)}
+    assert sorted(lazy) == ["w0", "w1", "w2"] and all(v.path == src.resolve() for v in lazy.values())
+    assert not model.source_external_data  # saved inline again, like the source
+    for name, t in model.constants().items():
+        assert np.array_equal(t.values, expected[name]) and t.values.dtype == expected[name].dtype
+    out = model.save(tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx.data").exists()
+    reloaded = onnx.load(str(out))
+    onnx.checker.check_model(reloaded)
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer} == \
+        {n: a.tobytes() for n, a in expected.items()}
+    assert reloaded.producer_name == "graphopt-tests"
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run_ort(out, {"x": x})["y"], run_ort(src, {"x": x})["y"])
+
+
 def test_save_streams_external_data_to_new_location(tmp_path):
     src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
     src_dir.mkdir()

@@ -3,6 +3,7 @@ the cpu backend against onnxruntime, options and their errors."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from conftest import FIXTURES, run_ort, split_reference
+from graphopt.passes._blockquant import pack_int4, quantize_matrix
 from graphopt.passes.quantize import QuantSpec, dequantize_blocks, error_stats, quantize_blocks
 
 RNG = np.random.default_rng(0)
@@ -162,3 +164,16 @@ def test_exclude_and_not_requested():
     assert out.history[0].counters == {"quantized": 0}
     out = graphopt.optimize(_linear(), passes=["quantize"])
     assert out.history[0].counters == {"skipped_not_requested": 1}
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (5, 7)])  # odd element count: a half-filled last byte
+def test_int4_packing_is_onnx_layout(shape):
+    codes = RNG.integers(-8, 8, size=shape).astype(np.int8)
+    assert pack_int4(codes).tobytes() == numpy_helper.from_array(codes.astype(ml_dtypes.int4), "c").raw_data
+
+
+def test_codes_packed_tile_by_tile_match_packing_afterwards():
+    w = RNG.standard_normal((100, 40)).astype(np.float32)  # a partial last block too
+    tiled = quantize_matrix(w, QuantSpec(4, 32), pack=True)
+    assert tiled.packed and tiled.codes.shape == (100, 20)
+    assert tiled.codes.tobytes() == pack_int4(quantize_matrix(w, QuantSpec(4, 32)).codes).tobytes()
