@@ -23,6 +23,7 @@ compile time, never declared):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -110,6 +111,11 @@ def _rms_norm(n: KNode) -> Kernel:
 # ------------------------------------------------------------------- rotary
 @kernel("RotaryEmbedding", since=23)
 def _rotary(n: KNode) -> Kernel:
+    return rotary_kernel(n, np)
+
+
+def rotary_kernel(n: KNode, xp) -> Kernel:
+    """``RotaryEmbedding``-23 over the array module ``xp`` (numpy here, CuPy on the cuda backend)."""
     interleaved = bool(n.attr("interleaved", 0))
     rot_dim = int(n.attr("rotary_embedding_dim", 0))
     num_heads = int(n.attr("num_heads", 0))
@@ -132,7 +138,7 @@ def _rotary(n: KNode) -> Kernel:
             raise ValueError(f"RotaryEmbedding: rotary dim {r} must be even and at most head size {head}")
         half = r // 2
         if position_ids is not None:
-            pid = np.asarray(position_ids, dtype=np.int64)
+            pid = position_ids.astype(np.int64, copy=False)
             cos, sin = cos[pid], sin[pid]  # (B, S, r/2)
         for name, c in (("cos_cache", cos), ("sin_cache", sin)):
             if c.ndim != 3 or c.shape[-1] != half:
@@ -149,7 +155,7 @@ def _rotary(n: KNode) -> Kernel:
         out_shape = np.broadcast_shapes(xv.shape[:-1] + (half,), real.shape)
         if out_shape != xv.shape[:-1] + (half,):
             raise ValueError(f"RotaryEmbedding: caches of shape {cos.shape} do not broadcast to input {x.shape}")
-        out = np.empty(xv.shape, dtype=x.dtype)
+        out = xp.empty(xv.shape, dtype=x.dtype)
         if interleaved:
             out[..., 0:r:2] = real
             out[..., 1:r:2] = imag
@@ -172,19 +178,28 @@ def _attention_check(node: gs.Node, model) -> str | None:
     return None
 
 
-def _softmax_rows(x: np.ndarray) -> np.ndarray:
+def _softmax_rows(x, xp=np):
     """Softmax over the last axis; an all ``-inf`` row gives zeros, never NaN."""
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isneginf(m), x.dtype.type(0), m)
-    e = np.exp(x - m)
-    s = np.sum(e, axis=-1, keepdims=True)
-    s = np.where(s == 0, x.dtype.type(1), s)
+    m = xp.max(x, axis=-1, keepdims=True)
+    m = xp.where(m == -np.inf, x.dtype.type(0), m)
+    e = xp.exp(x - m)
+    s = xp.sum(e, axis=-1, keepdims=True)
+    s = xp.where(s == 0, x.dtype.type(1), s)
     e /= s
     return e
 
 
 @kernel("Attention", since=23, until=25, predicate=_with(std_dtypes, _attention_check))
 def _attention(n: KNode) -> Kernel:
+    return attention_kernel(n, np)
+
+
+def attention_kernel(n: KNode, xp, concat: Callable | None = None) -> Kernel:
+    """``Attention``-23/24/25 over the array module ``xp`` (numpy here, CuPy on the cuda backend):
+    never reads a value back to the host, so a CUDA graph can capture it. ``concat(past, new,
+    which)`` appends new keys/values to the past ones along the sequence axis (a runtime may
+    do it in place)."""
+    cat = concat or (lambda past, new, which: xp.concatenate((past, new), axis=2))
     a = n.attrs
     scale_attr = a.get("scale")
     is_causal = bool(int(a.get("is_causal", 0)))
@@ -227,8 +242,8 @@ def _attention(n: KNode) -> Kernel:
         past_len = 0
         if past_k is not None:
             past_len = past_k.shape[2]
-            k = np.concatenate((past_k, k), axis=2)
-            v = np.concatenate((past_v, v), axis=2)
+            k = cat(past_k, k, "key")
+            v = cat(past_v, v, "value")
         present_k, present_v = k, v
 
         b, hq, sq, d = q.shape
@@ -241,34 +256,33 @@ def _attention(n: KNode) -> Kernel:
         qs = q.astype(cd) * cd.type(s)
         ks = k.astype(cd) * cd.type(s)
         # GQA without copying K/V: query heads h = kv * g + i share KV head kv.
-        scores = np.matmul(qs.reshape(b, hkv, g * sq, d), np.swapaxes(ks, -1, -2)).reshape(b, hq, sq, t)
+        scores = xp.matmul(qs.reshape(b, hkv, g * sq, d), xp.swapaxes(ks, -1, -2)).reshape(b, hq, sq, t)
         raw = scores
         if softcap > 0:
-            scores = np.tanh(scores / cd.type(softcap)) * cd.type(softcap)
+            scores = xp.tanh(scores / cd.type(softcap)) * cd.type(softcap)
         capped = scores
         bias = None  # additive, broadcastable to (b, hq, sq, t)
         if mask is not None:
-            mask = np.asarray(mask)
             pad = t - mask.shape[-1]
             if pad < 0:
                 raise ValueError(f"Attention: attn_mask's last dimension {mask.shape[-1]} exceeds the total "
                                  f"sequence length {t}")
             if mask.dtype == np.bool_:
-                bias = np.where(mask, cd.type(0), cd.type(-np.inf))
+                bias = xp.where(mask, cd.type(0), cd.type(-np.inf))
             else:
                 bias = mask.astype(cd)
             if pad:
-                bias = np.concatenate([bias, np.full(bias.shape[:-1] + (pad,), -np.inf, dtype=cd)], axis=-1)
+                bias = xp.concatenate([bias, xp.full(bias.shape[:-1] + (pad,), -np.inf, dtype=cd)], axis=-1)
         if is_causal or left >= 0 or right >= 0 or nonpad is not None:
-            i = np.arange(sq).reshape(sq, 1)
-            j = np.arange(t).reshape(1, t)
+            i = xp.arange(sq).reshape(sq, 1)
+            j = xp.arange(t).reshape(1, t)
             if nonpad is not None:
-                nonpad = np.asarray(nonpad, dtype=np.int64).reshape(-1)
+                nonpad = nonpad.astype(np.int64, copy=False).reshape(-1)
                 offset = (nonpad - sq).reshape(-1, 1, 1, 1)  # (b, 1, 1, 1)
             else:
                 offset = past_len
             pos = i + offset  # absolute query position
-            allowed = np.ones(np.broadcast_shapes(np.shape(pos), j.shape), dtype=bool)
+            allowed = xp.ones(np.broadcast_shapes(tuple(pos.shape), j.shape), dtype=bool)
             if is_causal:
                 allowed &= j <= pos
             if left >= 0:
@@ -277,27 +291,26 @@ def _attention(n: KNode) -> Kernel:
                 allowed &= j - pos <= right
             if nonpad is not None:
                 allowed &= j < nonpad.reshape(-1, 1, 1, 1)
-            structural = np.where(allowed, cd.type(0), cd.type(-np.inf))
+            structural = xp.where(allowed, cd.type(0), cd.type(-np.inf))
             bias = structural if bias is None else bias + structural
 
         if bias is not None:
             scores = scores + bias
         qk_out = {0: raw, 1: capped, 2: scores}.get(mode) if want_qk else None
 
-        probs = _softmax_rows(scores.astype(sp_dtype) if sp_dtype is not None else scores)
+        probs = _softmax_rows(scores.astype(sp_dtype) if sp_dtype is not None else scores, xp)
         if bias is not None:  # fully-masked rows (bias all -inf) give zeros, whatever the scores
-            dead = np.isneginf(np.max(bias, axis=-1, keepdims=True))
-            if dead.any():
-                probs = np.where(dead, probs.dtype.type(0), probs)
+            dead = xp.max(bias, axis=-1, keepdims=True) == -np.inf
+            probs = xp.where(dead, probs.dtype.type(0), probs)
         if want_qk and mode == 3:
             qk_out = probs
-        y = np.matmul(probs.astype(cd, copy=False).reshape(b, hkv, g * sq, t),
+        y = xp.matmul(probs.astype(cd, copy=False).reshape(b, hkv, g * sq, t),
                       v.astype(cd, copy=False)).reshape(b, hq, sq, v.shape[-1])
         if three_d:
             y = y.transpose(0, 2, 1, 3).reshape(b, sq, hq * v.shape[-1])
         y = y.astype(q.dtype, copy=False)
         if qk_out is not None:
-            qk_out = np.broadcast_to(qk_out, (b, hq, sq, t)).astype(q.dtype)
+            qk_out = xp.broadcast_to(qk_out, (b, hq, sq, t)).astype(q.dtype)
         return y, present_k, present_v, qk_out
     return run
 

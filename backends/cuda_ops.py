@@ -346,6 +346,20 @@ def _rms_norm(n: KNode, d: Device):
     return run
 
 
+@device_op("RotaryEmbedding", since=23)
+def _rotary(n: KNode, d: Device):
+    from graphopt.backends.cpu_fused import rotary_kernel
+
+    return rotary_kernel(n, d.xp)  # the cpu kernel is written over an array module
+
+
+@device_op("Attention", since=23)
+def _attention(n: KNode, d: Device):
+    from graphopt.backends.cpu_fused import attention_kernel
+
+    return attention_kernel(n, d.xp)  # cuBLAS batched matmuls, no host reads
+
+
 # ------------------------------------------------------------------ data movement
 @device_op("Identity")
 def _identity(n: KNode, d: Device):

@@ -81,8 +81,9 @@ class Step:
     host: bool
     params: frozenset[int] = frozenset()  # input positions read on the host
     free: tuple[int, ...] = ()
-    kv: bool = False
+    kv: str = ""  # "concat": a KV-cache Concat; "attention": an Attention reading past_key/past_value
     actions: tuple[int, ...] = ()
+    knode: Any = None
 
 
 @dataclass
@@ -187,10 +188,16 @@ class CudaExecutable(Executable):
             self._base[slot] = value
         self._upload, self._download = _transfer(device)
         self._signatures: OrderedDict[tuple, _Signature] = OrderedDict()
-        self._kv_buffers: dict[int, tuple[Any, int]] = {}  # step index -> (buffer, committed length)
+        self._kv_buffers: dict[tuple, tuple[Any, int]] = {}  # (step, key|value) -> (buffer, committed length)
         self._stream = None if device.emulated else device.xp.cuda.Stream(non_blocking=True)
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0}
+        self._capturing = False
+        for i, step in enumerate(steps):
+            if step.kv == "attention":  # its past/present KV go through the in-place append
+                from graphopt.backends.cpu_fused import attention_kernel
+
+                step.fn = attention_kernel(step.knode, device.xp, concat=self._kv_concat(i))
 
     @property
     def input_names(self) -> list[str]:
@@ -293,8 +300,8 @@ class CudaExecutable(Executable):
                 args.append(v)
             self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
             try:
-                if step.kv and not capturing:
-                    result = self._kv_append(i, step, *args)
+                if step.kv == "concat":
+                    result = self._kv_append((i, ""), args[0], args[1])
                 else:
                     result = step.fn(*args)
             except Exception as e:
@@ -312,11 +319,17 @@ class CudaExecutable(Executable):
                     env[slot] = None
 
     # ---------------------------------------------------------------- KV cache in place
-    def _kv_append(self, index: int, step: Step, past: Any, new: Any) -> Any:
+    def _kv_concat(self, index: int):
+        return lambda past, new, which: self._kv_append((index, which), past, new)
+
+    def _kv_append(self, index: tuple, past: Any, new: Any) -> Any:
         """``Concat([past, new], axis=2)`` of a KV cache, in place when ``past`` is the latest
         view of this step's buffer and the buffer has room; otherwise into a new buffer
-        with ``KV_GROW`` tokens to spare. Views handed out earlier are never written."""
+        with ``KV_GROW`` tokens to spare. Views handed out earlier are never written.
+        While a CUDA graph is captured, a plain concatenation (fixed addresses)."""
         xp = self.device.xp
+        if self._capturing:
+            return xp.concatenate((past, new), axis=2)
         length, add = past.shape[2], new.shape[2]
         held = self._kv_buffers.get(index)
         if held is not None:
@@ -351,9 +364,11 @@ class CudaExecutable(Executable):
             stream = self._stream
             try:
                 stream.begin_capture()
+                self._capturing = True
                 try:
                     self._walk(env, sig, run_host=False, capturing=True)
                 finally:
+                    self._capturing = False
                     graph = stream.end_capture()
             except Exception as e:  # capture refused (an op synchronised): run op by op from now on
                 sig.uncapturable = f"capture failed: {type(e).__name__}: {e}"
@@ -465,13 +480,21 @@ def _fold_constants(model: Model, classes: dict[str, int]) -> int:
     return folded
 
 
-def _is_kv_concat(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> bool:
-    if node.op != "Concat" or len(node.inputs) != 2 or node.outputs[0].name not in graph_outputs:
-        return False
-    past = node.inputs[0]
-    axis = int(node.attrs.get("axis", 0))
-    rank = len(past.shape) if past.shape is not None else 4
-    return bool(past.name in graph_inputs and _PAST.match(past.name) and rank == 4 and axis % 4 == 2)
+def _kv_kind(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> str:
+    """"concat": ``Concat(past_key_values.*, new)`` along the sequence axis giving a ``present``
+    output; "attention": ``Attention`` with past key/value inputs and present outputs of the graph."""
+    if node.op == "Concat" and len(node.inputs) == 2 and node.outputs[0].name in graph_outputs:
+        past = node.inputs[0]
+        axis = int(node.attrs.get("axis", 0))
+        rank = len(past.shape) if past.shape is not None else 4
+        if past.name in graph_inputs and _PAST.match(past.name) and rank == 4 and axis % 4 == 2:
+            return "concat"
+    if node.op == "Attention" and not node.domain and len(node.inputs) >= 6 and len(node.outputs) >= 3:
+        pasts, presents = node.inputs[4:6], node.outputs[1:3]
+        if all(t.name in graph_inputs and _PAST.match(t.name) for t in pasts) and \
+                all(t.name in graph_outputs for t in presents):
+            return "attention"
+    return ""
 
 
 def compile_model(model: Model, device: Device, check, graphs: bool = False) -> CudaExecutable:
@@ -571,9 +594,10 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False) -> 
         for t in node.outputs:
             if t.name:
                 on_device[t.name] = not host
+        kv = "" if host else _kv_kind(node, graph_inputs, outputs_names)
         steps.append(Step(node.name, node.op, fn, tuple(slot(n) if n else -1 for n in names),
                           tuple(slot(t.name) if t.name else -1 for t in node.outputs), host, params,
-                          kv=not host and _is_kv_concat(node, graph_inputs, outputs_names), actions=tuple(actions)))
+                          kv=kv, actions=tuple(actions), knode=knode))
     for t in graph.outputs:  # a graph output that is a constant
         if isinstance(t, gs.Constant):
             constant_slot(t, False)

@@ -20,18 +20,23 @@ from graphopt.backends import cuda_ops
 from graphopt.backends.cuda import CudaBackend
 from graphopt.backends.cuda_runtime import DYNAMIC, STATIC, STATIC_DATA, STATIC_PARAM
 
-EMU = CudaBackend(emulate=True)
+EMU = CudaBackend(emulate=True)  # the default table: Attention/RotaryEmbedding split back
+FUSED = CudaBackend(emulate=True, fused_attention=True)  # with the device Attention and RotaryEmbedding
 ALL_MODELS = FIXTURE_MODELS + ARCH_MODELS + CONTROL_MODELS
 
 
-def _optimized(path, **options):
-    return graphopt.optimize(graphopt.load(path), target=EMU, **options)
+def _optimized(path, backend=FUSED, **options):
+    return graphopt.optimize(graphopt.load(path), target=backend, **options)
 
 
+@pytest.mark.parametrize("backend", [EMU, FUSED], ids=["split-attention", "fused-attention"])
 @pytest.mark.parametrize("path", ALL_MODELS, ids=[p.stem for p in ALL_MODELS])
-def test_fixture_optimized_for_cuda_matches_torch(path):
+def test_fixture_optimized_for_cuda_matches_torch(path, backend):
     feeds, expected = split_reference(path)
-    exe = graphopt.compile(_optimized(path), EMU)
+    model = _optimized(path, backend)
+    fused = {"Attention", "RotaryEmbedding"} & set(model.op_histogram())
+    assert ("Attention" in fused) == (backend is FUSED), fused
+    exe = graphopt.compile(model, backend)
     first = exe.run(feeds)
     host_runs = exe.stats["host_steps_run"]
     second = exe.run(feeds)  # same shapes: the host's shape arithmetic is not run again
@@ -44,10 +49,10 @@ def test_fixture_optimized_for_cuda_matches_torch(path):
 
 
 def test_only_shape_arithmetic_runs_on_the_host():
-    exe = graphopt.compile(_optimized(FIXTURES / "llama-torchscript-decode.onnx"), EMU)
+    exe = graphopt.compile(_optimized(FIXTURES / "llama-torchscript-decode.onnx"), FUSED)
     host = [s for s in exe.steps if s.host]
     device = [s for s in exe.steps if not s.host]
-    assert {s.op for s in device} >= {"MatMul", "RMSNormalization", "Softmax", "Concat"}
+    assert {s.op for s in device} >= {"MatMul", "RMSNormalization", "Attention", "RotaryEmbedding"}
     assert {s.op for s in host} <= {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast",
                                     "Add", "Sub", "Mul", "Div", "Range", "Equal", "Where", "Reshape", "Expand",
                                     "ConstantOfShape", "Less", "LessOrEqual", "Greater", "And", "Or", "Not", "Trilu",
@@ -63,11 +68,12 @@ def test_only_shape_arithmetic_runs_on_the_host():
 def test_greedy_tokens_match_torch_with_the_kv_cache_appended_in_place(name):
     ref = np.load(FIXTURES / f"{name.split('-')[0]}-greedy.npz")
     model = _optimized(FIXTURES / f"{name}.onnx")
-    exe = graphopt.compile(model, EMU)
-    tokens = generate(model, ref["prompt_ids"].tolist(), 32, EMU, executable=exe)
+    exe = graphopt.compile(model, FUSED)
+    tokens = generate(model, ref["prompt_ids"].tolist(), 32, FUSED, executable=exe)
     assert tokens == ref["tokens"].tolist()
-    n_kv = sum(s.kv for s in exe.steps)
-    assert n_kv == sum(1 for t in model.graph.outputs if t.name.startswith("present."))
+    n_kv = sum(1 for t in model.graph.outputs if t.name.startswith("present."))
+    # attention-fuse made one Attention per layer; each appends its layer's keys and values
+    assert [s.kv for s in exe.steps if s.kv] == ["attention"] * (n_kv // 2)
     # the prompt step allocates each layer's buffer; the 31 decode steps append in place
     assert exe.stats["kv_copied"] == n_kv and exe.stats["kv_in_place"] == 31 * n_kv
 
@@ -75,7 +81,7 @@ def test_greedy_tokens_match_torch_with_the_kv_cache_appended_in_place(name):
 def test_in_place_append_never_writes_a_view_handed_out_before():
     path = FIXTURES / "llama-dynamo-decode.onnx"
     model = _optimized(path)
-    exe = graphopt.compile(model, EMU)
+    exe = graphopt.compile(model, FUSED)
     feeds = load_inputs(FIXTURES / "llama-dynamo-decode.npz")
     feeds = {k: feeds[k] for k in exe.input_names}
     presents = {t.name for t in model.graph.outputs if t.name.startswith("present.")}
@@ -113,7 +119,7 @@ QUANT_SETTINGS = [dict(quant_bits=4, quant_block=32), dict(quant_bits=4, quant_b
 def test_quantized_fixture_matches_the_cpu_backend(name, options):
     model = _optimized(FIXTURES / f"{name}.onnx", **options)
     feeds = load_inputs(FIXTURES / f"{name}.npz")
-    exe = graphopt.compile(model, EMU)
+    exe = graphopt.compile(model, FUSED)
     feeds = {k: feeds[k] for k in exe.input_names}
     ref = graphopt.compile(model, "cpu").run(feeds)
     got = exe.run(feeds)
@@ -173,29 +179,33 @@ def test_kernel_twins_match_the_onnx_definitions():
 
 
 CASES = {c.name: c for c in node_cases()}
-APPLIES = sorted(n for n, c in CASES.items() if classify(EMU, c)[0] == "applies")
+APPLIES = sorted(n for n, c in CASES.items() if classify(FUSED, c)[0] == "applies")
 
 
 def test_node_tests_cover_every_declared_op():
-    declared = {s.op_type for s in EMU.ops()}
+    declared = {s.op_type for s in FUSED.ops()}
     covered = {n.op_type for name in APPLIES for n in CASES[name].model.graph.node}
     # RMSNormalization's node tests use stash/axis variants too; DequantizeLinear's blocked cases need int4 etc.
     assert declared - covered <= {"DequantizeLinear"}, sorted(declared - covered)
-    assert len(APPLIES) >= 400
+    assert len(APPLIES) >= 500
 
 
 @pytest.mark.parametrize("name", APPLIES)
 def test_node_case(name):
-    result = run_case(EMU, CASES[name])
+    result = run_case(FUSED, CASES[name])
     assert result.status == "passed", result.detail
 
 
 def test_table_is_built_from_the_device_implementations():
-    declared = {(s.domain, s.op_type) for s in EMU.ops()}
     implemented = {k for k in cuda_ops.DEVICE_OPS if not k[0]}
-    assert declared == implemented
-    for op in ("Attention", "RotaryEmbedding", "LayerNormalization", "Gelu"):
-        assert not EMU.supports_op(op, "", 23)
+    assert {(s.domain, s.op_type) for s in FUSED.ops()} == implemented
+    # Attention and RotaryEmbedding wait for a GPU run before the default table declares them
+    assert {(s.domain, s.op_type) for s in EMU.ops()} == implemented - {("", "Attention"), ("", "RotaryEmbedding")}
+    for op in ("Attention", "RotaryEmbedding", "RMSNormalization"):
+        assert FUSED.supports_op(op, "", 23), op
+    assert FUSED.supports_op("Attention", "", 24) and not EMU.supports_op("Attention", "", 23)
+    for op in ("LayerNormalization", "Gelu"):  # no device implementation: split back
+        assert not FUSED.supports_op(op, "", 23), op
 
 
 def test_kernel_sources_name_every_launch():
@@ -226,8 +236,8 @@ def test_bench_worker_runs_a_device_resident_decode_loop():
 def test_static_kv_buffers_give_torch_greedy_tokens(name, caplog):
     ref = np.load(FIXTURES / f"{name.split('-')[0]}-greedy.npz")
     model = _optimized(FIXTURES / f"{name}.onnx")
-    exe = graphopt.compile(model, EMU)
-    tokens = generate(model, ref["prompt_ids"].tolist(), 32, EMU, executable=exe, static_kv=48)
+    exe = graphopt.compile(model, FUSED)
+    tokens = generate(model, ref["prompt_ids"].tolist(), 32, FUSED, executable=exe, static_kv=48)
     assert tokens == ref["tokens"].tolist()
     fell_back = "disagrees with a growing cache" in caplog.text
     # sliding-window masks depend on key positions: the first static step is caught and decoding goes on without

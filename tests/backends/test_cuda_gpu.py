@@ -102,7 +102,7 @@ def test_dequant_kernels_match_their_twins(cp, kernels, bits, signed, zero, k, n
     np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(x @ want), rtol=1e-4, atol=1e-3)
 
 
-CUDA = CudaBackend()
+CUDA = CudaBackend(fused_attention=True)  # every op with device code, Attention and RotaryEmbedding too
 CASES = {c.name: c for c in node_cases()}
 APPLIES = sorted(n for n, c in CASES.items() if classify(CUDA, c)[0] == "applies")
 
@@ -115,11 +115,13 @@ def test_node_case_on_the_gpu(name):
 
 
 @gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["split-attention", "fused-attention"])
 @pytest.mark.parametrize("path", ALL_MODELS, ids=[p.stem for p in ALL_MODELS])
-def test_fixture_on_the_gpu_matches_torch(path):
+def test_fixture_on_the_gpu_matches_torch(path, fused):
     feeds, expected = split_reference(path)
-    model = graphopt.optimize(graphopt.load(path), target="cuda")
-    got = graphopt.compile(model, "cuda").run(feeds)
+    backend = CudaBackend(fused_attention=fused)
+    model = graphopt.optimize(graphopt.load(path), target=backend)
+    got = graphopt.compile(model, backend).run(feeds)
     for name, ref in expected.items():
         np.testing.assert_allclose(got[name], ref, atol=1e-4, rtol=0, err_msg=name)
 
@@ -143,11 +145,13 @@ def test_quantized_fixture_on_the_gpu_matches_onnxruntime(name, options):
 @gpu
 @pytest.mark.parametrize("name", ["llama-dynamo-decode", "llama-torchscript-decode", "qwen2-dynamo-decode",
                                   "qwen2-torchscript-decode", "mistral-dynamo-decode"])
-def test_greedy_tokens_on_the_gpu_match_torch(name):
+@pytest.mark.parametrize("fused", [False, True], ids=["split-attention", "fused-attention"])
+def test_greedy_tokens_on_the_gpu_match_torch(name, fused):
     ref = np.load(FIXTURES / f"{name.split('-')[0]}-greedy.npz")
-    model = graphopt.optimize(graphopt.load(FIXTURES / f"{name}.onnx"), target="cuda")
-    exe = graphopt.compile(model, "cuda")
-    assert generate(model, ref["prompt_ids"].tolist(), 32, "cuda", executable=exe) == ref["tokens"].tolist()
+    backend = CudaBackend(fused_attention=fused)
+    model = graphopt.optimize(graphopt.load(FIXTURES / f"{name}.onnx"), target=backend)
+    exe = graphopt.compile(model, backend)
+    assert generate(model, ref["prompt_ids"].tolist(), 32, backend, executable=exe) == ref["tokens"].tolist()
     assert exe.stats["kv_in_place"] > 0
 
 
