@@ -52,7 +52,11 @@ case "${1:-}" in
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda.onnx --target cuda --report "$OUT/opt-fp32.json"
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-int4.onnx --target cuda \
       --quant-bits 4 --quant-block 32 --report "$OUT/opt-int4.json"
-    for m in q05-cuda q05-cuda-int4; do
+    # the same with the device Attention/RotaryEmbedding declared (GPU_UNVERIFIED in backends/cuda.py)
+    GRAPHOPT_CUDA_FUSED_ATTENTION=1 graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-fa-int4.onnx \
+      --target cuda --quant-bits 4 --quant-block 32
+    for m in q05-cuda q05-cuda-int4 q05-cuda-fa-int4; do
+      export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ $m = q05-cuda-fa-int4 ] && echo 1 || echo 0)
       graphopt bench $W/$m.onnx --target cuda --prefill 512 --past 128 --runs 20 --warmup 3 \
         --json "$OUT/bench-$m.json" | tee "$OUT/bench-$m.txt"
       graphopt bench $W/$m.onnx --target cuda --cuda-graphs --prefill 512 --past 128 --runs 20 --warmup 3 \
