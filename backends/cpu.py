@@ -86,21 +86,30 @@ class CpuExecutable(Executable):
             env[slot] = np.asarray(feeds[name])
         for step in self.steps:
             args = [env[i] if i >= 0 else None for i in step.inputs]
-            try:
-                result = step.fn(*args)
-            except Exception as e:
-                shapes = ", ".join(str(getattr(a, "shape", None)) for a in args)
-                raise BackendError(f"cpu: node {step.node_name!r} ({step.op}) failed on inputs of shape "
-                                   f"[{shapes}]: {type(e).__name__}: {e}") from e
-            if len(step.outputs) == 1:
-                env[step.outputs[0]] = result if not isinstance(result, tuple) else result[0]
-            else:
-                for slot, value in zip(step.outputs, result):
-                    if slot >= 0:
-                        env[slot] = value
+            store(env, step.outputs, invoke("cpu", step.node_name, step.op, step.fn, args))
             for slot in step.free:
                 env[slot] = None
         return {name: _contiguous(env[slot]) for name, slot in self.output_slots.items()}
+
+
+def invoke(backend: str, node: str, op: str, fn: Callable[..., Any], args: list[Any]) -> Any:
+    """Calls a step's kernel; a failure names the backend, the node, its op and the input shapes."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        shapes = ", ".join(str(getattr(a, "shape", None)) for a in args)
+        raise BackendError(f"{backend}: node {node!r} ({op}) failed on inputs of shape "
+                           f"[{shapes}]: {type(e).__name__}: {e}") from e
+
+
+def store(env: list[Any], outputs: tuple[int, ...], result: Any) -> None:
+    """Puts a kernel's result (one array or a tuple) into its output slots (-1: output not wanted)."""
+    if len(outputs) == 1:
+        env[outputs[0]] = result if not isinstance(result, tuple) else result[0]
+    else:
+        for slot, value in zip(outputs, result):
+            if slot >= 0:
+                env[slot] = value
 
 
 def _contiguous(value: Any) -> np.ndarray:
@@ -138,6 +147,20 @@ def _knode(node: gs.Node, model: Model) -> KNode:
     )
 
 
+def plan_frees(steps: list, keep: set[int]) -> None:
+    """Sets each step's ``free``: the slots (outside ``keep``) whose last use is that step."""
+    last_use: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for s in step.inputs + step.outputs:
+            if s >= 0 and s not in keep:
+                last_use[s] = i
+    frees: dict[int, list[int]] = {}
+    for s, i in last_use.items():
+        frees.setdefault(i, []).append(s)
+    for i, step in enumerate(steps):
+        step.free = tuple(frees.get(i, ()))
+
+
 def _schedule(model: Model, rewrites: dict[str, int]) -> CpuExecutable:
     graph = model.graph
     graph.toposort()
@@ -162,17 +185,7 @@ def _schedule(model: Model, rewrites: dict[str, int]) -> CpuExecutable:
                           tuple(slot(t.name) if t.name else -1 for t in node.inputs),
                           tuple(slot(t.name) if t.name else -1 for t in node.outputs), ()))
     outputs = {t.name: slot(t.name) for t in graph.outputs}
-    keep = set(outputs.values()) | set(constants) | set(inputs.values())
-    last_use: dict[int, int] = {}
-    for i, step in enumerate(steps):
-        for s in step.inputs + step.outputs:
-            if s >= 0 and s not in keep:
-                last_use[s] = i
-    frees: dict[int, list[int]] = {}
-    for s, i in last_use.items():
-        frees.setdefault(i, []).append(s)
-    for i, step in enumerate(steps):
-        step.free = tuple(frees.get(i, ()))
+    plan_frees(steps, set(outputs.values()) | set(constants) | set(inputs.values()))
     logger.debug("cpu: %d steps, %d slots, %d constants", len(steps), len(slots), len(constants))
     return CpuExecutable(steps, len(slots), constants, inputs, outputs, rewrites)
 

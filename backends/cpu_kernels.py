@@ -248,16 +248,21 @@ def _where(n: KNode) -> Kernel:
     return lambda c, a, b: np.where(c, a, b)
 
 
-@kernel("Clip", since=11)
-def _clip(n: KNode) -> Kernel:
+def clip_kernel(xp) -> Kernel:
+    """``Clip`` over the array module ``xp`` (numpy here, CuPy on the cuda backend)."""
     def run(x, lo=None, hi=None):
         out = x
         if lo is not None:
-            out = np.maximum(out, lo)
+            out = xp.maximum(out, lo)
         if hi is not None:
-            out = np.minimum(out, hi)
+            out = xp.minimum(out, hi)
         return out.astype(x.dtype, copy=False)
     return run
+
+
+@kernel("Clip", since=11)
+def _clip(n: KNode) -> Kernel:
+    return clip_kernel(np)
 
 
 # ------------------------------------------------------------------- casting
@@ -688,15 +693,20 @@ def _topk(n: KNode) -> Kernel:
     return run
 
 
-@kernel("CumSum", since=11)
-def _cumsum(n: KNode) -> Kernel:
+def cumsum_kernel(n: KNode, xp) -> Kernel:
+    """``CumSum`` over the array module ``xp`` (numpy here, CuPy on the cuda backend)."""
     exclusive, reverse = int(n.attr("exclusive", 0)), int(n.attr("reverse", 0))
 
     def run(x, axis):
         ax = int(np.asarray(axis).reshape(-1)[0])
-        y = np.flip(x, ax) if reverse else x
-        out = np.cumsum(y, axis=ax, dtype=x.dtype)
+        y = xp.flip(x, ax) if reverse else x
+        out = xp.cumsum(y, axis=ax, dtype=x.dtype)
         if exclusive:
             out = out - y
-        return np.flip(out, ax) if reverse else out
+        return xp.flip(out, ax) if reverse else out
     return run
+
+
+@kernel("CumSum", since=11)
+def _cumsum(n: KNode) -> Kernel:
+    return cumsum_kernel(n, np)

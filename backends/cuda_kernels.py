@@ -48,32 +48,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 // Reduces over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
-    v = warp_sum(v);
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* shared) {
+    v = MAX ? warp_max(v) : warp_sum(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : 0.0f;
-    if (warp == 0) v = warp_sum(v);
+    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : (MAX ? NEG_INF : 0.0f);
+    if (warp == 0) v = MAX ? warp_max(v) : warp_sum(v);
     if (threadIdx.x == 0) shared[0] = v;
     __syncthreads();
     v = shared[0];
     __syncthreads();
     return v;
 }
-__device__ __forceinline__ float block_max(float v, float* shared) {
-    v = warp_max(v);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : NEG_INF;
-    if (warp == 0) v = warp_max(v);
-    if (threadIdx.x == 0) shared[0] = v;
-    __syncthreads();
-    v = shared[0];
-    __syncthreads();
-    return v;
-}
+__device__ __forceinline__ float block_sum(float v, float* shared) { return block_reduce<false>(v, shared); }
+__device__ __forceinline__ float block_max(float v, float* shared) { return block_reduce<true>(v, shared); }
 """
 
 _RMS_NORM = r"""
@@ -322,27 +312,22 @@ class Kernels:
         for name in dq_kernel_names():
             self._fn("dq", name)
 
-    def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
+    def _rows(self, name: str, x: Any, *extra: Any) -> Any:
+        """Launches a row kernel (one block per row of the last axis) on float32 ``x``."""
         cp = self.cp
         n = x.shape[-1]
         x2 = cp.ascontiguousarray(x, dtype=cp.float32)
         y = cp.empty_like(x2)
         rows = x2.size // n if n else 0
         if rows:
-            self._fn("rms_norm", "rms_norm")((rows,), (ROW_THREADS,),
-                                             (x2, cp.ascontiguousarray(w, dtype=cp.float32), y, np.int32(n),
-                                              np.float32(eps)))
+            self._fn(name, name)((rows,), (ROW_THREADS,), (x2, *extra[:1], y, np.int32(n), *extra[1:]))
         return y
 
+    def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
+        return self._rows("rms_norm", x, self.cp.ascontiguousarray(w, dtype=self.cp.float32), np.float32(eps))
+
     def softmax_rows(self, x: Any) -> Any:
-        cp = self.cp
-        n = x.shape[-1]
-        x2 = cp.ascontiguousarray(x, dtype=cp.float32)
-        y = cp.empty_like(x2)
-        rows = x2.size // n if n else 0
-        if rows:
-            self._fn("softmax_rows", "softmax_rows")((rows,), (ROW_THREADS,), (x2, y, np.int32(n)))
-        return y
+        return self._rows("softmax_rows", x)
 
     def dq_gemv(self, x2: Any, w: GemvWeight) -> Any:
         """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS."""

@@ -22,7 +22,7 @@ import onnx
 
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends.cpu import INTERNAL_DOMAIN
-from graphopt.backends.cpu_kernels import KNode, slice_index
+from graphopt.backends.cpu_kernels import KNode, _axes_from, clip_kernel, cumsum_kernel, slice_index
 
 Factory = Callable[[KNode, "Device"], Callable[..., Any]]
 
@@ -205,16 +205,7 @@ def _where(n: KNode, d: Device):
 
 @device_op("Clip", since=11)
 def _clip(n: KNode, d: Device):
-    xp = d.xp
-
-    def run(x, lo=None, hi=None):
-        out = x
-        if lo is not None:
-            out = xp.maximum(out, lo)
-        if hi is not None:
-            out = xp.minimum(out, hi)
-        return out.astype(x.dtype, copy=False)
-    return run
+    return clip_kernel(d.xp)
 
 
 @device_op("Cast", since=6)
@@ -235,15 +226,11 @@ def _cast(n: KNode, d: Device):
 def _reduce(name: str, axes_input_since: int) -> Factory:
     def factory(n: KNode, d: Device):
         fn = getattr(d.xp, name)
-        keep = bool(n.attr("keepdims", 1))
-        noop_empty = bool(n.attr("noop_with_empty_axes", 0))
-        attr_axes = n.attr("axes")
+        resolve = _axes_from(n, axes_input_since)  # the cpu kernels' reading of axes/keepdims
 
         def run(x, axes=None):
-            if n.version < axes_input_since:
-                axes = attr_axes
-            ax = None if axes is None or len(_ints(axes)) == 0 else tuple(_ints(axes))
-            if ax is None and noop_empty:
+            ax, keep = resolve(x, axes)
+            if ax == ():  # noop_with_empty_axes
                 return x
             if x.size == 0 and name in ("max", "min"):  # the spec: the lowest/highest value of the type
                 return _empty_extreme(d.xp, x, ax, keep, name == "max")
@@ -458,26 +445,21 @@ def _slice(n: KNode, d: Device):
     return run
 
 
-@device_op("Gather", since=13)
-def _gather(n: KNode, d: Device):
-    axis = int(n.attr("axis", 0))
-    xp = d.xp
+def _gather_along(take: str) -> Factory:
+    """Gather / GatherElements: negative indices count from the end of ``axis``."""
+    def factory(n: KNode, d: Device):
+        axis = int(n.attr("axis", 0))
+        xp = d.xp
+        fn = getattr(xp, take)
 
-    def run(x, idx):
-        idx = xp.where(idx < 0, idx + x.shape[axis], idx)
-        return xp.take(x, idx, axis=axis)
-    return run
+        def run(x, idx):
+            return fn(x, xp.where(idx < 0, idx + x.shape[axis], idx), axis=axis)
+        return run
+    return factory
 
 
-@device_op("GatherElements", since=13)
-def _gather_elements(n: KNode, d: Device):
-    axis = int(n.attr("axis", 0))
-    xp = d.xp
-
-    def run(x, idx):
-        idx = xp.where(idx < 0, idx + x.shape[axis], idx)
-        return xp.take_along_axis(x, idx, axis=axis)
-    return run
+device_op("Gather", since=13)(_gather_along("take"))
+device_op("GatherElements", since=13)(_gather_along("take_along_axis"))
 
 
 @device_op("GatherND", since=13)
@@ -540,17 +522,7 @@ def _trilu(n: KNode, d: Device):
 
 @device_op("CumSum", since=14)
 def _cumsum(n: KNode, d: Device):
-    exclusive, reverse = int(n.attr("exclusive", 0)), int(n.attr("reverse", 0))
-    xp = d.xp
-
-    def run(x, axis):
-        ax = _ints(axis)[0]
-        y = xp.flip(x, ax) if reverse else x
-        out = xp.cumsum(y, axis=ax, dtype=x.dtype)
-        if exclusive:
-            out = out - y
-        return xp.flip(out, ax) if reverse else out
-    return run
+    return cumsum_kernel(n, d.xp)  # the axis is a parameter: a host array
 
 
 # ------------------------------------------------------------------ quantized weights

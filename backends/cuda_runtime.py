@@ -47,7 +47,7 @@ from graphopt._backend import Executable, op_version
 from graphopt._errors import BackendError
 from graphopt._ir import Model
 from graphopt.backends import cuda_ops
-from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode
+from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode, invoke, plan_frees, store
 from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
 from graphopt.backends.cuda_kernels import GemvWeight
@@ -299,27 +299,17 @@ class CudaExecutable(Executable):
                         v = sig.values[s] = self._upload(np.asarray(env[s]))
                 args.append(v)
             self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
-            try:
-                if step.kv == "concat":
-                    result = self._kv_append((i, ""), args[0], args[1])
-                else:
-                    result = step.fn(*args)
-            except Exception as e:
-                shapes = ", ".join(str(getattr(a, "shape", None)) for a in args)
-                raise BackendError(f"cuda: node {step.name!r} ({step.op}) failed on inputs of shape "
-                                   f"[{shapes}]: {type(e).__name__}: {e}") from e
-            if len(step.outputs) == 1:
-                env[step.outputs[0]] = result if not isinstance(result, tuple) else result[0]
-            else:
-                for slot, value in zip(step.outputs, result):
-                    if slot >= 0:
-                        env[slot] = value
+            fn = step.fn if step.kv != "concat" else self._kv_concat(i, "")
+            store(env, step.outputs, invoke("cuda", step.name, step.op, fn, args))
             if not capturing:
                 for slot in step.free:
                     env[slot] = None
 
     # ---------------------------------------------------------------- KV cache in place
-    def _kv_concat(self, index: int):
+    def _kv_concat(self, index: int, which: str | None = None):
+        """``(past, new, which) -> present`` for an Attention step; with ``which``, ``(past, new)``."""
+        if which is not None:
+            return lambda past, new: self._kv_append((index, which), past, new)
         return lambda past, new, which: self._kv_append((index, which), past, new)
 
     def _kv_append(self, index: tuple, past: Any, new: Any) -> Any:
@@ -605,17 +595,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False) -> 
     classes_by_slot = [DYNAMIC] * len(slots)
     for name, s in slots.items():
         classes_by_slot[s] = classes.get(name, CONST if s in constants else DYNAMIC)
-    keep = set(outputs.values()) | set(constants) | set(inputs.values())
-    last_use: dict[int, int] = {}
-    for i, st in enumerate(steps):
-        for s in st.inputs + st.outputs:
-            if s >= 0 and s not in keep:
-                last_use[s] = i
-    frees: dict[int, list[int]] = {}
-    for s, i in last_use.items():
-        frees.setdefault(i, []).append(s)
-    for i, st in enumerate(steps):
-        st.free = tuple(frees.get(i, ()))
+    plan_frees(steps, set(outputs.values()) | set(constants) | set(inputs.values()))
     n_host = sum(st.host for st in steps)
     logger.debug("cuda: %d steps (%d on the host), %d slots, %d constants", len(steps), n_host, len(slots),
                  len(constants))
