@@ -162,11 +162,14 @@ class CudaBackend(Backend):
     device = "cuda"
     summary = "NVIDIA GPUs through CuPy (extra 'cuda'): cuBLAS, fused RMSNorm, int4/int8 dequant-matmul"
 
-    def __init__(self, emulate: bool = False, graphs: bool = False, fused_attention: bool | None = None):
+    def __init__(self, emulate: bool = False, graphs: bool = False, fused_attention: bool | None = None,
+                 fuse_elementwise: bool = True):
         #: numpy stands in for the device (tests without a GPU); ``graphs``: capture repeated steps;
-        #: ``fused_attention``: declare Attention and RotaryEmbedding (see ``GPU_UNVERIFIED``).
+        #: ``fused_attention``: declare Attention and RotaryEmbedding (see ``GPU_UNVERIFIED``);
+        #: ``fuse_elementwise``: one kernel per tree of float32 elementwise ops (``cuda_fusion``).
         self.emulate = emulate
         self.graphs = graphs
+        self.fuse_elementwise = fuse_elementwise
         self.fused_attention = FUSED_ATTENTION_DEFAULT if fused_attention is None else fused_attention
 
     def ops(self) -> list[OpSupport]:
@@ -194,4 +197,4 @@ class CudaBackend(Backend):
             from graphopt.backends.cuda_kernels import Kernels
 
             device = Device(cupy, Kernels(cupy))
-        return compile_model(model, device, self.check, graphs=self.graphs)
+        return compile_model(model, device, self.check, graphs=self.graphs, fuse=self.fuse_elementwise)

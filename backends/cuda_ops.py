@@ -648,3 +648,12 @@ def _dequant_gather(n: KNode, d: Device):
         rows = ck.unpack_twin(sub, xp).T  # [ids, K]
         return rows.reshape(tuple(ids.shape) + (w.k,))
     return run
+
+
+@device_op("FusedElementwise", domain=INTERNAL_DOMAIN)
+def _fused_elementwise(n: KNode, d: Device):
+    import json
+
+    from graphopt.backends.cuda_fusion import make_kernel
+
+    return make_kernel(json.loads(n.attr("expr")), d.xp, d.emulated)

@@ -50,6 +50,7 @@ from graphopt.backends import cuda_ops
 from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode, invoke, plan_frees, store
 from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
+from graphopt.backends.cuda_fusion import fuse_elementwise
 from graphopt.backends.cuda_kernels import GemvWeight
 from graphopt.backends.cuda_ops import PARAMS, Device
 
@@ -487,7 +488,7 @@ def _kv_kind(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> 
     return ""
 
 
-def compile_model(model: Model, device: Device, check, graphs: bool = False) -> CudaExecutable:
+def compile_model(model: Model, device: Device, check, graphs: bool = False, fuse: bool = True) -> CudaExecutable:
     work = model.copy()
     problems = [f"{n.name or '<unnamed>'} ({n.op}): {reason}"
                 for n in work.graph.nodes if (reason := check(n, work)) is not None]
@@ -501,6 +502,9 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False) -> 
     rewrites["folded_constants"] = _fold_constants(work, _classify(graph, graph_inputs))
     graph.toposort()
     classes = _classify(graph, graph_inputs)
+    if fuse:
+        rewrites["elementwise_fused"] = fuse_elementwise(work, lambda name: classes.get(name) == DYNAMIC)
+        classes = _classify(graph, graph_inputs)
     upload, _ = _transfer(device)
 
     slots: dict[str, int] = {}
@@ -553,7 +557,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False) -> 
             fn = op.factory(knode, device)
             params = PARAMS.get(node.op, frozenset())
             ins = list(node.inputs)
-            if domain == INTERNAL_DOMAIN:  # the prepared weight replaces its constant operands
+            if node.op in ("DequantMatMul", "DequantGather"):  # the prepared weight replaces its constant operands
                 consts = tuple(t.name for t in ins if isinstance(t, gs.Constant))
                 flip = int(node.attrs.get("transposed", 0)) or node.op == "DequantGather"
                 wname = f"{'+'.join(consts)}::gemv{'T' if flip else ''}"  # a tied matrix is laid out once

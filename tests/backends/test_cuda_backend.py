@@ -244,3 +244,48 @@ def test_static_kv_buffers_give_torch_greedy_tokens(name, caplog):
     assert fell_back == name.startswith("mistral")
     if not fell_back:  # prompt, check step, then 31 steps of one shape: 3 signatures in all
         assert len(exe._signatures) == 3
+
+
+@pytest.mark.parametrize("name", ["llama-torchscript-decode", "gemma-dynamo-decode", "gpt2-dynamo-decode"])
+def test_elementwise_trees_run_as_one_kernel_each(name):
+    from graphopt.backends.cuda_fusion import c_expression
+
+    model = _optimized(FIXTURES / f"{name}.onnx", EMU)
+    feeds = load_inputs(FIXTURES / f"{name}.npz")
+    fused = graphopt.compile(model, EMU)
+    plain = CudaBackend(emulate=True, fuse_elementwise=False).compile(model)
+    feeds = {k: feeds[k] for k in fused.input_names}
+    want, got = plain.run(feeds), fused.run(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-6, rtol=0, err_msg=k)
+    groups = [s for s in fused.steps if s.op == "FusedElementwise"]
+    absorbed = sum(len(s.knode.attrs["ops"].split(",")) for s in groups)
+    assert groups and absorbed == fused.rewrites["elementwise_fused"]
+    n_device = sum(not s.host for s in plain.steps)
+    assert sum(not s.host for s in fused.steps) == n_device - absorbed + len(groups)
+    for s in groups:  # every tree prints as one C expression over its inputs
+        expr = c_expression(__import__("json").loads(s.knode.attrs["expr"]))
+        assert expr.count("x") >= 1 and "{" not in expr
+
+
+def test_fusion_keeps_shared_values_and_graph_outputs_unfused():
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["silu"]),
+             helper.make_node("Mul", ["silu", "u"], ["g"]), helper.make_node("Add", ["g", "x"], ["y"]),
+             helper.make_node("Exp", ["g"], ["e"])]  # g is read twice: a tree ends there
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [2, 8]), vi("u", TensorProto.FLOAT, [8])],
+                              [vi("y", TensorProto.FLOAT, [2, 8]), vi("e", TensorProto.FLOAT, [2, 8])],
+                              value_info=[vi(n, TensorProto.FLOAT, [2, 8]) for n in ("s", "silu", "g")])
+    model = graphopt.Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    exe = graphopt.compile(model, EMU)
+    kinds = [(s.op, s.knode.attrs.get("ops")) for s in exe.steps]
+    assert sorted(kinds, key=str) == sorted([("FusedElementwise", "Sigmoid,Mul,Mul"), ("Exp", None), ("Add", None)],
+                                            key=str)
+    rng = np.random.default_rng(0)
+    x, u = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    out = exe.run({"x": x, "u": u})
+    g = x / (1 + np.exp(-x)) * u
+    np.testing.assert_allclose(out["y"], g + x, rtol=1e-6)
+    np.testing.assert_allclose(out["e"], np.exp(g), rtol=1e-6)

@@ -50,6 +50,27 @@ def test_kernel_source_compiles_for_hopper(name):
         assert f".entry {kernel}(" in text
 
 
+@pytest.mark.skipif(_nvrtc() is None, reason="CuPy's NVRTC is not available")
+def test_fused_elementwise_expressions_compile():
+    import json
+
+    from graphopt.backends.cuda_fusion import cuda_source
+
+    sources = []
+    for path in ALL_MODELS:
+        for backend in (CudaBackend(emulate=True), CudaBackend(emulate=True, fused_attention=True)):
+            exe = backend.compile(graphopt.optimize(graphopt.load(path), target=backend))
+            sources += [cuda_source(json.loads(s.knode.attrs["expr"]), f"k{len(sources)}_{i}")
+                        for i, s in enumerate(exe.steps) if s.op == "FusedElementwise"]
+    assert len(sources) > 50
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram("\n".join(sources), "fused.cu", (), ())
+    try:
+        nvrtc.compileProgram(prog, ("--gpu-architecture=compute_90",))
+    except Exception:
+        pytest.fail(nvrtc.getProgramLog(prog))
+
+
 @pytest.fixture(scope="module")
 def cp():
     if GPU_PROBLEM is not None:
