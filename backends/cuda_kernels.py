@@ -189,11 +189,77 @@ extern "C" __global__ void dq_unpack_{tag}(const unsigned int* codes, const floa
     return "".join(out)
 
 
+# One block per (batch, query head, query row): scores of that row against every key in shared
+# memory, block max / sum, then the weighted sum of values, one output dimension per thread.
+# Strided q/k/v/y (element strides for batch, head, row; the last axis contiguous) read the KV
+# cache buffers and split heads in place. bias: float32 additive mask with its own strides
+# (0 for broadcast dims) or null. Keys j > i + causal_offset are masked when causal >= 0.
+# A fully masked row gives zeros (as graphopt's cpu Attention does).
+_ATTN = r"""
+extern "C" __global__ void attn_decode(
+        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+        const float* __restrict__ bias, float* __restrict__ y,
+        const int heads, const int rows, const int t_len, const int dim, const int group,
+        const long long qb, const long long qh, const long long qs,
+        const long long kb, const long long kh, const long long kt,
+        const long long vb, const long long vh, const long long vt,
+        const long long bb, const long long bh, const long long bs,
+        const long long yb, const long long yh, const long long ys,
+        const float scale, const float softcap, const int causal_offset) {
+    extern __shared__ float smem[];  // dim floats of q, then t_len scores, then 32 for reductions
+    float* qv = smem;
+    float* sc = smem + dim;
+    float* red = sc + t_len;
+    const int r = blockIdx.x % rows;
+    const int h = (blockIdx.x / rows) % heads;
+    const int b = blockIdx.x / (rows * heads);
+    const int kvh = h / group;
+    const float* qr = q + b * qb + h * qh + r * qs;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) qv[d] = qr[d] * scale;
+    __syncthreads();
+    const float* kbase = k + b * kb + kvh * kh;
+    const float* brow = bias ? bias + b * bb + h * bh + r * bs : nullptr;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < t_len; j += blockDim.x) {
+        const float* kr = kbase + j * kt;
+        float acc = 0.0f;
+        for (int d = 0; d < dim; ++d) acc += qv[d] * kr[d];
+        if (softcap > 0.0f) acc = tanhf(acc / softcap) * softcap;
+        if (brow) acc += brow[j];
+        if (causal_offset >= 0 && j > r + causal_offset) acc = NEG_INF;
+        sc[j] = acc;
+        m = fmaxf(m, acc);
+    }
+    m = block_max(m, red);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < t_len; j += blockDim.x) {
+        const float e = (m == NEG_INF) ? 0.0f : __expf(sc[j] - m);
+        sc[j] = e;
+        s += e;
+    }
+    s = block_sum(s, red);
+    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    const float* vbase = v + b * vb + kvh * vh;
+    float* yr = y + b * yb + h * yh + r * ys;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < t_len; ++j) acc += sc[j] * vbase[j * vt + d];
+        yr[d] = acc * inv;
+    }
+}
+"""
+
+#: Keys the decode-attention kernel keeps in shared memory (longer contexts take the cuBLAS path).
+ATTN_MAX_KEYS = 8192
+#: Query rows per head up to which the kernel is used (decode, speculative steps); prefill uses cuBLAS.
+ATTN_MAX_ROWS = 16
+
 #: name -> CUDA C source (each compiles on its own).
 SOURCES: dict[str, str] = {
     "rms_norm": _COMMON + _RMS_NORM,
     "softmax_rows": _COMMON + _SOFTMAX,
     "dq": _COMMON + _DQ + _dq_entry_points(),
+    "attn_decode": _COMMON + _ATTN,
 }
 
 
@@ -284,6 +350,29 @@ def rms_norm_twin(x: Any, w: Any, eps: float, xp: Any) -> Any:
     return (x * inv * w).astype(xp.float32, copy=False)
 
 
+def attention_twin(q: Any, k: Any, v: Any, bias: Any, scale: float, softcap: float, causal_offset: int,
+                   xp: Any) -> Any:
+    """What ``attn_decode`` computes: q [B, Hq, S, D], k/v [B, Hkv, T, D] (views), bias broadcastable
+    to [B, Hq, S, T] or None; returns y [B, Hq, S, D] (fully masked rows give zeros)."""
+    b, hq, sq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qs = (q * xp.float32(scale)).reshape(b, hkv, g * sq, d)
+    scores = xp.matmul(qs, xp.swapaxes(k, -1, -2)).reshape(b, hq, sq, t)
+    if softcap > 0:
+        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    if bias is not None:
+        scores = scores + bias
+    if causal_offset >= 0:
+        allowed = xp.arange(t).reshape(1, t) <= xp.arange(sq).reshape(sq, 1) + causal_offset
+        scores = xp.where(allowed, scores, xp.float32(-np.inf))
+    m = xp.max(scores, axis=-1, keepdims=True)
+    e = xp.where(m == -np.inf, xp.float32(0), xp.exp(scores - xp.where(m == -np.inf, xp.float32(0), m)))
+    s = xp.sum(e, axis=-1, keepdims=True)
+    p = e / xp.where(s > 0, s, xp.float32(1))
+    return xp.matmul(p.reshape(b, hkv, g * sq, t), v).reshape(b, hq, sq, v.shape[-1]).astype(xp.float32)
+
+
 def softmax_twin(x: Any, xp: Any) -> Any:
     m = xp.max(x, axis=-1, keepdims=True)
     e = xp.exp(x - m)
@@ -309,6 +398,7 @@ class Kernels:
         """Compile and load everything now (before a CUDA-graph capture, or to time compilation)."""
         self._fn("rms_norm", "rms_norm")
         self._fn("softmax_rows", "softmax_rows")
+        self._fn("attn_decode", "attn_decode")
         for name in dq_kernel_names():
             self._fn("dq", name)
 
@@ -328,6 +418,25 @@ class Kernels:
 
     def softmax_rows(self, x: Any) -> Any:
         return self._rows("softmax_rows", x)
+
+    def attention(self, q: Any, k: Any, v: Any, bias: Any, y: Any, scale: float, softcap: float,
+                  causal_offset: int) -> None:
+        """Writes ``attention_twin(q, k, v, bias, ...)`` into ``y`` [B, Hq, S, D] (any strides with a
+        contiguous last axis, for all five arrays; bias may broadcast with zero strides)."""
+        b, hq, sq, d = q.shape
+        t = k.shape[2]
+
+        def st(a):  # element strides of the first three axes
+            return [np.int64(x // a.itemsize) for x in a.strides[:3]]
+
+        bias_arg = bias if bias is not None else np.uint64(0)  # a null pointer
+        bst = st(bias) if bias is not None else [np.int64(0)] * 3
+        threads = 128
+        shared = (d + t + 32) * 4
+        self._fn("attn_decode", "attn_decode")((b * hq * sq,), (threads,), (
+            q, k, v, bias_arg, y, np.int32(hq), np.int32(sq), np.int32(t), np.int32(d), np.int32(hq // k.shape[1]),
+            *st(q), *st(k), *st(v), *bst, *st(y), np.float32(scale), np.float32(softcap), np.int32(causal_offset)),
+            shared_mem=shared)
 
     def dq_gemv(self, x2: Any, w: GemvWeight) -> Any:
         """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS."""

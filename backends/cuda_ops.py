@@ -342,9 +342,75 @@ def _rotary(n: KNode, d: Device):
 
 @device_op("Attention", since=23)
 def _attention(n: KNode, d: Device):
+    return attention_op(n, d)
+
+
+def attention_op(n: KNode, d: Device, concat: Callable | None = None) -> Callable[..., Any]:
+    """``Attention``: the ``attn_decode`` kernel for few query rows (a decode step: one launch per
+    layer instead of ~25 array operations), the cpu kernel's code over CuPy (cuBLAS batched
+    matmuls) for everything else. ``concat(past, new, which)`` appends to the KV cache."""
     from graphopt.backends.cpu_fused import attention_kernel
 
-    return attention_kernel(n, d.xp)  # cuBLAS batched matmuls, no host reads
+    general = attention_kernel(n, d.xp, concat)
+    cat = concat or (lambda past, new, which: d.xp.concatenate((past, new), axis=2))
+    a = n.attrs
+    xp = d.xp
+    simple = (n.n_outputs <= 3 and int(a.get("qk_matmul_output_mode", 0)) == 0
+              and int(a.get("softmax_precision", 1) or 1) == 1
+              and (n.version < 25 or (int(a.get("left_window_size", -1)) == -1
+                                      and int(a.get("right_window_size", -1)) == -1)))
+    q_heads, kv_heads = a.get("q_num_heads"), a.get("kv_num_heads")
+    is_causal = bool(int(a.get("is_causal", 0)))
+    softcap = float(a.get("softcap", 0.0))
+
+    def heads(t, count):  # [B, S, H*D] -> [B, H, S, D], a view
+        b, s, hidden = t.shape
+        return t.reshape(b, s, int(count), hidden // int(count)).transpose(0, 2, 1, 3)
+
+    def run(q, k, v, mask=None, past_k=None, past_v=None, nonpad=None):
+        three_d = q.ndim == 3
+        rows = q.shape[1] if three_d else (q.shape[2] if q.ndim == 4 else 0)
+        keys = (k.shape[1] if three_d else k.shape[-2]) + (past_k.shape[2] if past_k is not None else 0)
+        if not (simple and nonpad is None and q.ndim in (3, 4) and q.ndim == k.ndim == v.ndim
+                and (past_k is None) == (past_v is None) and q.dtype == k.dtype == v.dtype == np.float32
+                and 0 < rows <= ck.ATTN_MAX_ROWS and keys <= ck.ATTN_MAX_KEYS
+                and (not three_d or (q_heads and kv_heads and q.shape[2] % int(q_heads) == 0
+                                     and k.shape[2] % int(kv_heads) == 0 and v.shape[2] % int(kv_heads) == 0))):
+            return general(q, k, v, mask, past_k, past_v, nonpad)
+        q4, k4, v4 = (heads(q, q_heads), heads(k, kv_heads), heads(v, kv_heads)) if three_d else (q, k, v)
+        b, hq, sq, dim = q4.shape
+        if hq % k4.shape[1] or v4.shape[1] != k4.shape[1] or v4.shape[-1] != dim or k4.shape[-1] != dim:
+            return general(q, k, v, mask, past_k, past_v, nonpad)
+        past_len = 0
+        if past_k is not None:
+            past_len = past_k.shape[2]
+            k4, v4 = cat(past_k, k4, "key"), cat(past_v, v4, "value")
+        t = k4.shape[2]
+        bias = None
+        if mask is not None:
+            bias = xp.where(mask, xp.float32(0), xp.float32(-np.inf)) if mask.dtype == np.bool_ \
+                else mask.astype(xp.float32, copy=False)
+            if bias.shape[-1] < t:  # a mask shorter than the keys masks the rest
+                bias = xp.concatenate([bias, xp.full(bias.shape[:-1] + (t - bias.shape[-1],), -np.inf, xp.float32)],
+                                      axis=-1)
+            bias = xp.broadcast_to(bias, (b, hq, sq, t))
+            if bias.strides[-1] != 4:
+                bias = xp.ascontiguousarray(bias)
+        if q4.strides[-1] != 4:
+            q4 = xp.ascontiguousarray(q4)
+        scale = float(a["scale"]) if a.get("scale") is not None else 1.0 / math.sqrt(dim)
+        causal = past_len if is_causal else -1
+        if three_d:
+            y = xp.empty((b, sq, hq * dim), xp.float32)
+            y4 = y.reshape(b, sq, hq, dim).transpose(0, 2, 1, 3)
+        else:
+            y = y4 = xp.empty((b, hq, sq, dim), xp.float32)
+        if d.kernels is not None:
+            d.kernels.attention(q4, k4, v4, bias, y4, scale, softcap, causal)
+        else:
+            y4[...] = ck.attention_twin(q4, k4, v4, bias, scale, softcap, causal, xp)
+        return y, k4, v4, None
+    return run
 
 
 # ------------------------------------------------------------------ data movement

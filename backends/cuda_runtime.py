@@ -196,9 +196,7 @@ class CudaExecutable(Executable):
         self._capturing = False
         for i, step in enumerate(steps):
             if step.kv == "attention":  # its past/present KV go through the in-place append
-                from graphopt.backends.cpu_fused import attention_kernel
-
-                step.fn = attention_kernel(step.knode, device.xp, concat=self._kv_concat(i))
+                step.fn = cuda_ops.attention_op(step.knode, device, concat=self._kv_concat(i))
 
     @property
     def input_names(self) -> list[str]:

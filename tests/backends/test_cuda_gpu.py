@@ -123,6 +123,28 @@ def test_dequant_kernels_match_their_twins(cp, kernels, bits, signed, zero, k, n
     np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(x @ want), rtol=1e-4, atol=1e-3)
 
 
+@gpu
+@pytest.mark.parametrize("b,hq,hkv,rows,t,dim", [(1, 14, 2, 1, 129, 64), (2, 16, 4, 3, 300, 64), (1, 8, 8, 16, 8192, 128),
+                                                (3, 4, 1, 1, 1, 32)])
+@pytest.mark.parametrize("masked,causal,softcap", [(False, -1, 0.0), (True, -1, 0.0), (True, 5, 0.0), (False, 0, 20.0)])
+def test_decode_attention_kernel_matches_its_twin(cp, kernels, b, hq, hkv, rows, t, dim, masked, causal, softcap):
+    rng = np.random.default_rng(t + rows)
+    cap = t + 64  # KV buffers with spare capacity: strided views, as the runtime passes them
+    kbuf = cp.asarray(rng.standard_normal((b, hkv, cap, dim)).astype(np.float32))
+    vbuf = cp.asarray(rng.standard_normal((b, hkv, cap, dim)).astype(np.float32))
+    k, v = kbuf[:, :, :t], vbuf[:, :, :t]
+    q = cp.asarray(rng.standard_normal((b, rows, hq, dim)).astype(np.float32)).transpose(0, 2, 1, 3)
+    bias = None
+    if masked:
+        m = rng.random((b, 1, rows, t)) > 0.25
+        m[0, 0, 0] = False  # one fully masked row
+        bias = cp.broadcast_to(cp.asarray(np.where(m, 0, -np.inf).astype(np.float32)), (b, hq, rows, t))
+    y = cp.empty((b, rows, hq, dim), cp.float32).transpose(0, 2, 1, 3)
+    kernels.attention(q, k, v, bias, y, 0.125, softcap, causal)
+    want = ck.attention_twin(q, k, v, bias, 0.125, softcap, causal, cp)
+    np.testing.assert_allclose(cp.asnumpy(y), cp.asnumpy(want), rtol=1e-4, atol=1e-5)
+
+
 CUDA = CudaBackend(fused_attention=True)  # every op with device code, Attention and RotaryEmbedding too
 CASES = {c.name: c for c in node_cases()}
 APPLIES = sorted(n for n, c in CASES.items() if classify(CUDA, c)[0] == "applies")
