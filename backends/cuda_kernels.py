@@ -249,6 +249,42 @@ extern "C" __global__ void attn_decode(
 }
 """
 
+# One thread per output element of RotaryEmbedding (x [B, S, H, D] as strided, last axis contiguous):
+# the rotated pair (split halves or interleaved) or a pass-through dimension past rot = 2 * half.
+# cos/sin rows: the cache row pid[b, s] when position ids are given (strides pb, ps; pb = 0 for a
+# shared row), else the caches' own [B|1, S, half] rows (strides cb, cs).
+_ROTARY = r"""
+extern "C" __global__ void rotary(const float* __restrict__ x, const float* __restrict__ cosc,
+                                  const float* __restrict__ sinc, const long long* __restrict__ pid,
+                                  float* __restrict__ y, const int B, const int S, const int H, const int D,
+                                  const int half, const int interleaved,
+                                  const long long xb, const long long xs, const long long xh,
+                                  const long long pb, const long long ps, const long long cb, const long long cs,
+                                  const long long yb, const long long ys, const long long yh) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)B * S * H * D) return;
+    const int d = idx % D;
+    const int h = (idx / D) % H;
+    const int s = (idx / ((long long)D * H)) % S;
+    const int b = idx / ((long long)D * H * S);
+    const float* xr = x + b * xb + s * xs + h * xh;
+    float* out = y + b * yb + s * ys + h * yh + d;
+    if (d >= 2 * half) { *out = xr[d]; return; }
+    const long long row = pid ? pid[b * pb + s * ps] * (long long)half : b * cb + s * cs;
+    const float* c = cosc + row;
+    const float* sn = sinc + row;
+    if (interleaved) {
+        const int i = d >> 1;
+        *out = (d & 1) ? xr[d - 1] * sn[i] + xr[d] * c[i] : xr[d] * c[i] - xr[d + 1] * sn[i];
+    } else if (d < half) {
+        *out = xr[d] * c[d] - xr[d + half] * sn[d];
+    } else {
+        const int j = d - half;
+        *out = xr[j] * sn[j] + xr[d] * c[j];
+    }
+}
+"""
+
 #: Keys the decode-attention kernel keeps in shared memory (longer contexts take the cuBLAS path).
 ATTN_MAX_KEYS = 8192
 #: Query rows per head up to which the kernel is used (decode, speculative steps); prefill uses cuBLAS.
@@ -260,6 +296,7 @@ SOURCES: dict[str, str] = {
     "softmax_rows": _COMMON + _SOFTMAX,
     "dq": _COMMON + _DQ + _dq_entry_points(),
     "attn_decode": _COMMON + _ATTN,
+    "rotary": _ROTARY,
 }
 
 
@@ -399,6 +436,7 @@ class Kernels:
         self._fn("rms_norm", "rms_norm")
         self._fn("softmax_rows", "softmax_rows")
         self._fn("attn_decode", "attn_decode")
+        self._fn("rotary", "rotary")
         for name in dq_kernel_names():
             self._fn("dq", name)
 
@@ -437,6 +475,26 @@ class Kernels:
             q, k, v, bias_arg, y, np.int32(hq), np.int32(sq), np.int32(t), np.int32(d), np.int32(hq // k.shape[1]),
             *st(q), *st(k), *st(v), *bst, *st(y), np.float32(scale), np.float32(softcap), np.int32(causal_offset)),
             shared_mem=shared)
+
+    def rotary(self, x4: Any, cos: Any, sin: Any, pid: Any, y4: Any, half: int, interleaved: bool) -> None:
+        """RotaryEmbedding of x4 [B, S, H, D] into y4 (same logical shape), both with a contiguous last
+        axis. With ``pid`` [B|1, S] (int64), cos/sin are [positions, half] caches; without, [B|1, S, half]."""
+        b, s, h, d = x4.shape
+
+        def st(a, axes):
+            return [np.int64(a.strides[i] // a.itemsize) if a.shape[i] != 1 else np.int64(0) for i in axes]
+
+        if pid is not None:
+            pst, cst = st(pid, (0, 1)), [np.int64(0)] * 2
+            pid_arg = pid
+        else:
+            pst, cst = [np.int64(0)] * 2, st(cos, (0, 1))
+            pid_arg = np.uint64(0)
+        total = b * s * h * d
+        if total:
+            self._fn("rotary", "rotary")((-(-total // 256),), (256,), (
+                x4, cos, sin, pid_arg, y4, np.int32(b), np.int32(s), np.int32(h), np.int32(d), np.int32(half),
+                np.int32(bool(interleaved)), *st(x4, (0, 1, 2)), *pst, *cst, *st(y4, (0, 1, 2))))
 
     def dq_gemv(self, x2: Any, w: GemvWeight) -> Any:
         """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS."""

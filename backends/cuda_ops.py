@@ -335,9 +335,51 @@ def _rms_norm(n: KNode, d: Device):
 
 @device_op("RotaryEmbedding", since=23)
 def _rotary(n: KNode, d: Device):
+    return rotary_op(n, d)
+
+
+def rotary_op(n: KNode, d: Device) -> Callable[..., Any]:
+    """``RotaryEmbedding``: the ``rotary`` kernel (one launch) for float32 inputs whose caches match
+    the spec's shapes; otherwise the cpu kernel's code over the array module (which also raises
+    the precise errors)."""
     from graphopt.backends.cpu_fused import rotary_kernel
 
-    return rotary_kernel(n, d.xp)  # the cpu kernel is written over an array module
+    general = rotary_kernel(n, d.xp)
+    if d.kernels is None:
+        return general
+    xp = d.xp
+    interleaved = bool(int(n.attr("interleaved", 0)))
+    rot_attr = int(n.attr("rotary_embedding_dim", 0))
+    num_heads = int(n.attr("num_heads", 0))
+
+    def run(x, cos, sin, position_ids=None):
+        if x.dtype != np.float32 or cos.dtype != np.float32 or sin.dtype != np.float32 or x.ndim not in (3, 4) \
+                or (x.ndim == 3 and (num_heads <= 0 or x.shape[2] % num_heads)):
+            return general(x, cos, sin, position_ids)
+        if x.ndim == 3:
+            b, s = x.shape[:2]
+            view = (lambda a: a.reshape(b, s, num_heads, a.shape[2] // num_heads))
+        else:
+            b, s = x.shape[0], x.shape[2]
+            view = (lambda a: a.transpose(0, 2, 1, 3))
+        x4 = view(x)
+        head = x4.shape[3]
+        rot = rot_attr or head
+        half = rot // 2
+        if rot % 2 or rot > head or cos.shape != sin.shape or cos.shape[-1] != half:
+            return general(x, cos, sin, position_ids)
+        if position_ids is not None:
+            ok = cos.ndim == 2 and position_ids.ndim == 2 and position_ids.shape[1] == s \
+                and position_ids.shape[0] in (1, b)
+        else:
+            ok = cos.ndim == 3 and cos.shape[1] == s and cos.shape[0] in (1, b)
+        if not ok or x4.strides[-1] != 4:
+            return general(x, cos, sin, position_ids)
+        y = xp.empty(x.shape, xp.float32)
+        pid = position_ids.astype(xp.int64, copy=False) if position_ids is not None else None
+        d.kernels.rotary(x4, xp.ascontiguousarray(cos), xp.ascontiguousarray(sin), pid, view(y), half, interleaved)
+        return y
+    return run
 
 
 @device_op("Attention", since=23)

@@ -145,6 +145,36 @@ def test_decode_attention_kernel_matches_its_twin(cp, kernels, b, hq, hkv, rows,
     np.testing.assert_allclose(cp.asnumpy(y), cp.asnumpy(want), rtol=1e-4, atol=1e-5)
 
 
+@gpu
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("rot", [0, 8])
+@pytest.mark.parametrize("with_pid", [True, False])
+def test_rotary_kernel_matches_the_array_code(cp, kernels, layout, interleaved, rot, with_pid):
+    from graphopt.backends.cpu_fused import rotary_kernel
+    from graphopt.backends.cpu_kernels import KNode
+
+    rng = np.random.default_rng(rot + interleaved)
+    b, s, h, dim = 2, 5, 3, 16
+    half = (rot or dim) // 2
+    node = KNode("RotaryEmbedding", "", 23, {"interleaved": interleaved, "rotary_embedding_dim": rot,
+                                             "num_heads": h if layout == "3d" else 0}, 4, 1)
+    shape = (b, s, h * dim) if layout == "3d" else (b, h, s, dim)
+    x = cp.asarray(rng.standard_normal(shape).astype(np.float32))
+    if with_pid:
+        cos = cp.asarray(rng.standard_normal((32, half)).astype(np.float32))
+        sin = cp.asarray(rng.standard_normal((32, half)).astype(np.float32))
+        pid = cp.asarray(rng.integers(0, 32, (b, s)))
+        args = (x, cos, sin, pid)
+    else:
+        cos = cp.asarray(rng.standard_normal((1, s, half)).astype(np.float32))
+        sin = cp.asarray(rng.standard_normal((1, s, half)).astype(np.float32))
+        args = (x, cos, sin)
+    want = rotary_kernel(node, cp)(*args)
+    got = cuda_ops.rotary_op(node, cuda_ops.Device(cp, kernels))(*args)
+    np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(want), rtol=1e-5, atol=1e-6)
+
+
 CUDA = CudaBackend(fused_attention=True)  # every op with device code, Attention and RotaryEmbedding too
 CASES = {c.name: c for c in node_cases()}
 APPLIES = sorted(n for n, c in CASES.items() if classify(CUDA, c)[0] == "applies")
