@@ -116,6 +116,7 @@ __device__ __forceinline__ float code_at(unsigned int word, int j) {
 template <int BITS, bool SIGNED, bool ZERO, int ROWS>
 __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __restrict__ codes,
                              const float* __restrict__ scale, const float* __restrict__ zero,
+                             const float* __restrict__ bias, const float* __restrict__ resid,
                              float* __restrict__ y, const int m, const int k, const int n,
                              const int words, const int block, const int nblk) {
     constexpr int PER = 32 / BITS;
@@ -145,8 +146,12 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0 && r < m) y[(long long)r * n + col] = s;
+        float s = warp_sum(acc[r]);
+        if (lane == 0 && r < m) {  // epilogue: + bias[col] + resid[r, col] (null pointers: none)
+            if (bias) s += bias[col];
+            if (resid) s += resid[(long long)r * n + col];
+            y[(long long)r * n + col] = s;
+        }
     }
 }
 
@@ -179,8 +184,9 @@ def _dq_entry_points() -> str:
                 targs = f"{bits}, {'true' if signed else 'false'}, {'true' if zero else 'false'}"
                 out.append(f"""
 extern "C" __global__ void dq_gemv_{tag}(const float* x, const unsigned int* codes, const float* scale,
-        const float* zero, float* y, int m, int k, int n, int words, int block, int nblk) {{
-    dq_gemv_impl<{targs}, {GEMV_MAX_ROWS}>(x, codes, scale, zero, y, m, k, n, words, block, nblk);
+        const float* zero, const float* bias, const float* resid, float* y, int m, int k, int n, int words,
+        int block, int nblk) {{
+    dq_gemv_impl<{targs}, {GEMV_MAX_ROWS}>(x, codes, scale, zero, bias, resid, y, m, k, n, words, block, nblk);
 }}
 extern "C" __global__ void dq_unpack_{tag}(const unsigned int* codes, const float* scale, const float* zero,
         float* out, int k, int n0, int cols, int words, int block, int nblk) {{
@@ -496,16 +502,18 @@ class Kernels:
                 x4, cos, sin, pid_arg, y4, np.int32(b), np.int32(s), np.int32(h), np.int32(d), np.int32(half),
                 np.int32(bool(interleaved)), *st(x4, (0, 1, 2)), *pst, *cst, *st(y4, (0, 1, 2))))
 
-    def dq_gemv(self, x2: Any, w: GemvWeight) -> Any:
-        """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS."""
+    def dq_gemv(self, x2: Any, w: GemvWeight, bias: Any = None, resid: Any = None) -> Any:
+        """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS; ``+ bias`` [N] and ``+ resid`` [m, N]
+        (contiguous float32) in the same launch."""
         cp = self.cp
         m = x2.shape[0]
         y = cp.empty((m, w.n), cp.float32)
         grid = (-(-w.n // GEMV_WARPS),)
         zero = w.zero if w.zero is not None else w.scale  # unused when the kernel has no zero point
+        null = np.uint64(0)
         self._fn("dq", f"dq_gemv_{w.tag()}")(grid, (32 * GEMV_WARPS,), (
-            x2, w.codes, w.scale, zero, y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words),
-            np.int32(w.block), np.int32(w.nblk)))
+            x2, w.codes, w.scale, zero, bias if bias is not None else null, resid if resid is not None else null,
+            y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words), np.int32(w.block), np.int32(w.nblk)))
         return y
 
     def dq_unpack(self, w: GemvWeight, n0: int, n1: int) -> Any:

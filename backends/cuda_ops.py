@@ -690,14 +690,17 @@ def gemv_weight(wq: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs:
 DQ_TILE_BYTES = 32 * 2**20
 
 
-def dq_matmul(x: Any, w: ck.GemvWeight, d: Device) -> Any:
-    """``x @ dequantize(w)`` for float32 x [..., K]: GEMV for few rows, else tiles + cuBLAS."""
+def dq_matmul(x: Any, w: ck.GemvWeight, d: Device, bias: Any = None, resid: Any = None) -> Any:
+    """``x @ dequantize(w) (+ bias) (+ resid)`` for float32 x [..., K]: GEMV for few rows (the
+    additions in its epilogue), else tiles + cuBLAS."""
     xp = d.xp
     lead = x.shape[:-1]
     x2 = xp.ascontiguousarray(x.reshape(-1, w.k), dtype=xp.float32)
     m = x2.shape[0]
+    r2 = xp.ascontiguousarray(resid.reshape(m, w.n), dtype=xp.float32) if resid is not None else None
+    b1 = xp.ascontiguousarray(bias.reshape(w.n), dtype=xp.float32) if bias is not None else None
     if m <= ck.GEMV_MAX_ROWS and d.kernels is not None:
-        y = d.kernels.dq_gemv(x2, w)
+        y = d.kernels.dq_gemv(x2, w, b1, r2)
     else:
         y = xp.empty((m, w.n), xp.float32)
         step = max(1, DQ_TILE_BYTES // (4 * max(w.k, 1)))
@@ -705,6 +708,10 @@ def dq_matmul(x: Any, w: ck.GemvWeight, d: Device) -> Any:
             n1 = min(w.n, n0 + step)
             tile = d.kernels.dq_unpack(w, n0, n1) if d.kernels is not None else ck.unpack_twin(w, xp, n0, n1)
             y[:, n0:n1] = x2 @ tile
+        if b1 is not None:
+            y += b1
+        if r2 is not None:
+            y += r2
     return y.reshape(lead + (w.n,))
 
 
@@ -738,8 +745,14 @@ def _dequantize_linear(n: KNode, d: Device):
 
 @device_op("DequantMatMul", domain=INTERNAL_DOMAIN)
 def _dequant_matmul(n: KNode, d: Device):
-    # the runtime passes the prepared GemvWeight (built once at compile) as the second input
-    return lambda x, w: dq_matmul(x, w, d)
+    # the runtime passes the prepared GemvWeight (built once at compile) as the second input, then
+    # the epilogue's operands (attribute "epilogue": "", "bias", "resid" or "bias,resid")
+    parts = [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
+
+    def run(x, w, *extra):
+        ops = dict(zip(parts, extra))
+        return dq_matmul(x, w, d, ops.get("bias"), ops.get("resid"))
+    return run
 
 
 @device_op("DequantGather", domain=INTERNAL_DOMAIN)

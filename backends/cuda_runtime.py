@@ -50,7 +50,7 @@ from graphopt.backends import cuda_ops
 from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode, invoke, plan_frees, store
 from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
-from graphopt.backends.cuda_fusion import fuse_elementwise
+from graphopt.backends.cuda_fusion import _is_f32, fuse_elementwise
 from graphopt.backends.cuda_kernels import GemvWeight
 from graphopt.backends.cuda_ops import PARAMS, Device
 
@@ -148,6 +148,52 @@ def _fold_transposed_dequant(model: Model) -> int:
     if count:
         graph.cleanup(remove_unused_graph_inputs=False)
         model.opset_imports.setdefault(INTERNAL_DOMAIN, 1)
+    return count
+
+
+def _fold_epilogues(model: Model) -> int:
+    """``Add(DequantMatMul(x, W), b)`` with b a float32 constant vector of the output width (a
+    projection's bias), and ``Add(DequantMatMul(...), r)`` with r a float32 tensor of the output's
+    own shape (a residual), become the dequant-matmul's epilogue: one launch instead of two or three."""
+    graph = model.graph
+    outputs = {t.name for t in graph.outputs}
+    count = 0
+    for m in list(graph.nodes):
+        if m.op != "DequantMatMul" or m.domain != INTERNAL_DOMAIN or len(m.inputs) < 3:
+            continue
+        while len(m.inputs) < 4:
+            m.inputs.append(gs.Variable.empty())
+        parts = [p for p in str(m.attrs.get("epilogue", "")).split(",") if p]
+        width = int(m.attrs["n"])
+        while True:
+            y = m.outputs[0]
+            if y.name in outputs or len(y.outputs) != 1:
+                break
+            add = y.outputs[0]
+            if add.op != "Add" or add.domain or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+                break
+            other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+            out = add.outputs[0]
+            if "bias" not in parts and isinstance(other, gs.Constant) and other.values.dtype == np.float32 \
+                    and other.values.size == width and other.values.shape[-1:] == (width,):
+                role = "bias"
+            elif ("resid" not in parts and not isinstance(other, gs.Constant) and _is_f32(other)
+                  and y.shape is not None and other.shape is not None and out.shape is not None
+                  and list(other.shape) == list(y.shape) == list(out.shape)):
+                role = "resid"
+            else:
+                break
+            add.inputs.clear()
+            add.outputs.clear()
+            m.inputs.append(other)
+            m.outputs[0] = out
+            parts.append(role)
+            count += 1
+        if parts:
+            m.attrs["epilogue"] = ",".join(parts)
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.toposort()
     return count
 
 
@@ -494,6 +540,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         raise BackendError(f"cuda cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
                            (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
     rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work), "dequant_matmul": fuse_dequant_matmul(work)}
+    rewrites["dequant_epilogues"] = _fold_epilogues(work)
     graph = work.graph
     graph.toposort()
     graph_inputs = {t.name for t in graph.inputs}
@@ -555,8 +602,22 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
             fn = op.factory(knode, device)
             params = PARAMS.get(node.op, frozenset())
             ins = list(node.inputs)
+            def device_input(pos: int, t: gs.Tensor) -> None:
+                param = pos in params
+                if isinstance(t, gs.Constant):
+                    names.append(constant_slot(t, not param))
+                    actions.append(READ)
+                    return
+                names.append(t.name)
+                if not t.name:
+                    actions.append(READ)
+                elif param:
+                    actions.append(DOWNLOAD if on_device.get(t.name, True) else STATIC_PARAM)
+                else:
+                    actions.append(READ if on_device.get(t.name, True) else STATIC_DATA)
+
             if node.op in ("DequantMatMul", "DequantGather"):  # the prepared weight replaces its constant operands
-                consts = tuple(t.name for t in ins if isinstance(t, gs.Constant))
+                consts = tuple(t.name for t in ins[:4] if isinstance(t, gs.Constant))
                 flip = int(node.attrs.get("transposed", 0)) or node.op == "DequantGather"
                 wname = f"{'+'.join(consts)}::gemv{'T' if flip else ''}"  # a tied matrix is laid out once
                 if slot(wname) not in constants:
@@ -564,25 +625,19 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
                     weight_bytes += w.nbytes
                     constants[slot(wname)] = w
                 on_device[wname] = True
-                data = [t for t in ins if not isinstance(t, gs.Constant) and t.name]
-                pairs = [(data[0].name, None), (wname, None)] if node.op == "DequantMatMul" else \
-                    [(wname, None), (data[-1].name, None)]
-                names = [p[0] for p in pairs]
-                actions = [READ, READ]
+                if node.op == "DequantMatMul":  # x, the weight, then the epilogue's bias / residual
+                    device_input(0, ins[0])
+                    names.append(wname)
+                    actions.append(READ)
+                    for pos, t in enumerate(ins[4:], start=4):
+                        device_input(pos, t)
+                else:  # the weight, then the ids
+                    names.append(wname)
+                    actions.append(READ)
+                    device_input(len(ins) - 1, ins[-1])
             else:
                 for pos, t in enumerate(ins):
-                    param = pos in params
-                    if isinstance(t, gs.Constant):
-                        names.append(constant_slot(t, not param))
-                        actions.append(READ)
-                        continue
-                    names.append(t.name)
-                    if not t.name:
-                        actions.append(READ)
-                    elif param:
-                        actions.append(DOWNLOAD if on_device.get(t.name, True) else STATIC_PARAM)
-                    else:
-                        actions.append(READ if on_device.get(t.name, True) else STATIC_DATA)
+                    device_input(pos, t)
         for t in node.outputs:
             if t.name:
                 on_device[t.name] = not host

@@ -131,6 +131,10 @@ def test_quantized_fixture_matches_the_cpu_backend(name, options):
     assert exe.rewrites["dequant_matmul"] + exe.rewrites["tied_dequant_matmul"] >= n_dq
     if name.startswith("qwen2"):  # the tied embedding/LM head is one quantized matrix read two ways
         assert exe.rewrites["tied_dequant_matmul"] == 2
+    # per layer: the residual adds after o_proj and down_proj, and Qwen2's q/k/v bias, ride on the GEMV
+    layers = 2  # the fixtures' depth
+    assert exe.rewrites["dequant_epilogues"] == layers * (3 if name.startswith("qwen2") else 2)
+    assert not any(s.op == "Add" for s in exe.steps if not s.host)
     # one device copy per quantized weight, in the packed layout (a tied matrix too)
     gemv = [v for v in exe._base if isinstance(v, ck.GemvWeight)]
     assert len(gemv) == n_dq

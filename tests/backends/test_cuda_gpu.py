@@ -115,9 +115,13 @@ def test_dequant_kernels_match_their_twins(cp, kernels, bits, signed, zero, k, n
     want = ck.unpack_twin(w, cp)
     np.testing.assert_array_equal(cp.asnumpy(kernels.dq_unpack(w, 0, n)), cp.asnumpy(want))
     np.testing.assert_array_equal(cp.asnumpy(kernels.dq_unpack(w, 5, min(n, 29))), cp.asnumpy(want[:, 5:29]))
+    bias = cp.asarray(rng.standard_normal(n).astype(np.float32))
     for m in (1, 3, ck.GEMV_MAX_ROWS):
         x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+        resid = cp.asarray(rng.standard_normal((m, n)).astype(np.float32))
         np.testing.assert_allclose(cp.asnumpy(kernels.dq_gemv(x, w)), cp.asnumpy(x @ want), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(cp.asnumpy(kernels.dq_gemv(x, w, bias, resid)),
+                                   cp.asnumpy(x @ want + bias + resid), rtol=1e-4, atol=1e-3)
     x = cp.asarray(rng.standard_normal((40, k)).astype(np.float32))  # prefill: tiles + cuBLAS
     got = cuda_ops.dq_matmul(x, w, cuda_ops.Device(cp, kernels))
     np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(x @ want), rtol=1e-4, atol=1e-3)
