@@ -396,6 +396,9 @@ class CudaExecutable(Executable):
             self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
             if sig.uncapturable is not None:
                 return env
+            env = list(self._base)  # drop the warm-up's arrays: their pool blocks serve the capture
+            for name, slot in self.input_slots.items():
+                env[slot] = inputs[name]
             stream = self._stream
             try:
                 stream.begin_capture()
