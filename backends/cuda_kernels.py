@@ -129,19 +129,33 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
     float acc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
-    for (int wi = lane; wi < words; wi += 32) {
-        const unsigned int word = cw[wi];
-        const int k0 = wi * PER;
+    // 16-byte loads (4 words per lane, coalesced across the warp) when the column's words allow it;
+    // its base is then 16-byte aligned too (words % 4 == 0). Otherwise one word per lane.
+    const int vec = (words & 3) == 0 ? 4 : 1;
+    for (int w0 = lane * vec; w0 < words; w0 += 32 * vec) {
+        unsigned int buf[4] = {0u, 0u, 0u, 0u};
+        if (vec == 4) {
+            const uint4 q4 = *reinterpret_cast<const uint4*>(cw + w0);
+            buf[0] = q4.x; buf[1] = q4.y; buf[2] = q4.z; buf[3] = q4.w;
+        } else {
+            buf[0] = cw[w0];
+        }
 #pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const int kk = k0 + j;
-            if (kk >= k) break;
-            const int b = kk / block;
-            float v = code_at<BITS, SIGNED>(word, j);
-            if (ZERO) v -= zp[b];
-            v *= sc[b];
+        for (int u = 0; u < 4; ++u) {  // constant indices keep buf in registers
+            if (u >= vec) break;
+            const unsigned int word = buf[u];
+            const int k0 = (w0 + u) * PER;
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) if (r < m) acc[r] += x[(long long)r * k + kk] * v;
+            for (int j = 0; j < PER; ++j) {
+                const int kk = k0 + j;
+                if (kk >= k) break;
+                const int b = kk / block;
+                float v = code_at<BITS, SIGNED>(word, j);
+                if (ZERO) v -= zp[b];
+                v *= sc[b];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) if (r < m) acc[r] += x[(long long)r * k + kk] * v;
+            }
         }
     }
 #pragma unroll
