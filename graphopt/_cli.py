@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import graphopt
@@ -190,7 +191,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         ops = sorted({(o["domain"] + "::" if o["domain"] else "") + o["op_type"] for o in d["ops"]})
         shown = ", ".join(ops[:12]) + (f", … (+{len(ops) - 12})" if len(ops) > 12 else "")
         table.add_row(d["name"], d["device"], "yes" if d["executes"] else "no",
-                      "yes" if d["available"] else f"no: {d['unavailable_reason']}", d["plugin"],
+                      "yes" if d["available"] else escape(f"no: {d['unavailable_reason']}"), d["plugin"],
                       f"{len(ops)}: {shown}")
     out.print(table)
     return 0
