@@ -90,3 +90,18 @@ def test_declaration_is_version_aware():
     y = graphopt.compile(model, "cpu").run({"x": x})["y"]
     flat = np.exp(x.reshape(-1) - x.max())
     np.testing.assert_allclose(y, (flat / flat.sum()).reshape(2, 2), rtol=1e-6)
+
+
+def test_compile_makes_glibc_reuse_freed_memory(monkeypatch):
+    import sys as _sys
+
+    from graphopt.backends import cpu
+
+    monkeypatch.setattr(cpu, "_malloc_tuned", None)
+    monkeypatch.setenv("GRAPHOPT_KEEP_MALLOC", "1")
+    assert cpu.reuse_freed_memory() is False  # the opt-out leaves the allocator alone
+    monkeypatch.setattr(cpu, "_malloc_tuned", None)
+    monkeypatch.delenv("GRAPHOPT_KEEP_MALLOC")
+    graphopt.compile(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), "cpu")
+    if _sys.platform.startswith("linux"):
+        assert cpu._malloc_tuned is True  # mallopt accepted both settings (glibc)
