@@ -748,17 +748,25 @@ def _dequant_matmul(n: KNode, d: Device):
     # the runtime passes the prepared GemvWeight (built once at compile) as the second input, then
     # the epilogue's operands (attribute "epilogue": "", "bias", "resid" or "bias,resid")
     parts = [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
+    out_dtype = _out_dtype(n)
 
     def run(x, w, *extra):
         ops = dict(zip(parts, extra))
-        return dq_matmul(x, w, d, ops.get("bias"), ops.get("resid"))
+        return dq_matmul(x, w, d, ops.get("bias"), ops.get("resid")).astype(out_dtype, copy=False)
     return run
+
+
+def _out_dtype(n: KNode) -> np.dtype:
+    """A fused dequant node's result type: its output's (float16 models stay float16), else float32."""
+    known = n.output_dtypes[0] if n.output_dtypes else None
+    return np.dtype(known) if known is not None else np.dtype(np.float32)
 
 
 @device_op("DequantGather", domain=INTERNAL_DOMAIN)
 def _dequant_gather(n: KNode, d: Device):
     # the runtime passes (GemvWeight of the table's transpose: columns are rows of the table, ids)
     xp = d.xp
+    out_dtype = _out_dtype(n)
 
     def run(w: ck.GemvWeight, ids):
         flat = ids.reshape(-1)
@@ -767,7 +775,7 @@ def _dequant_gather(n: KNode, d: Device):
                             xp.take(w.scale, flat, axis=0),
                             xp.take(w.zero, flat, axis=0) if w.zero is not None else None)
         rows = ck.unpack_twin(sub, xp).T  # [ids, K]
-        return rows.reshape(tuple(ids.shape) + (w.k,))
+        return rows.reshape(tuple(ids.shape) + (w.k,)).astype(out_dtype, copy=False)
     return run
 
 

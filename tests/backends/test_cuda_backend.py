@@ -339,3 +339,28 @@ def test_decode_attention_path_matches_the_general_one(three_d, causal, mask, ro
     for w, g in zip(want[:3], got[:3]):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_float16_model_with_quantized_weights_stays_float16():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    k, n, block = 64, 48, 16
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.05, (k // block, n)).astype(np.float16)
+    wq = helper.make_tensor("wq", TensorProto.INT4, [k, n], codes.reshape(-1).tolist())
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "scale"], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT16, [3, k])], [vi("y", TensorProto.FLOAT16, [3, n])],
+                              [wq, numpy_helper.from_array(scale, "scale"),
+                               numpy_helper.from_array(rng.standard_normal(n).astype(np.float16), "b")],
+                              value_info=[vi("h", TensorProto.FLOAT16, [3, n]), vi("w", TensorProto.FLOAT16, [k, n])])
+    model = graphopt.Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    x = rng.standard_normal((3, k)).astype(np.float16)
+    exe = graphopt.compile(model, EMU)
+    assert any(s.op == "DequantMatMul" for s in exe.steps)
+    got = exe.run({"x": x})["y"]
+    want = graphopt.compile(model, "cpu").run({"x": x})["y"]
+    assert got.dtype == want.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=1e-2)
