@@ -343,7 +343,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt._bench import run as run_bench
     from graphopt._inputs import has_kv_cache
 
-    graphopt.get_backend(args.target)  # unknown target: fail before measuring anything
+    backend = graphopt.get_backend(args.target)  # unknown or unavailable target: fail before measuring anything
+    reason = backend.available()
+    if reason is not None:
+        raise GraphoptError(f"target {backend.name!r} is unavailable here: {reason}")
     model = graphopt.load(args.model)
     cfg = BenchConfig(args.model, args.target, args.prefill, args.past, args.runs, args.warmup, args.batch, args.threads,
                       args.ort_accuracy_level, graphs=args.cuda_graphs)

@@ -107,3 +107,14 @@ def test_bench_reports_both_engines(tmp_path):
     assert all(r["peak_rss"] > 0 and r["median_s"] > 0 for r in data["results"])
     assert data["bandwidth_bytes_per_s"] > 1e9
     assert "vs ort" in res.stdout
+
+
+def test_bench_on_an_unavailable_target_says_why_in_one_line():
+    from graphopt.backends.cuda import _gpu_problem
+
+    reason = _gpu_problem()
+    if reason is None:
+        pytest.skip("a GPU is present")
+    res = _cli("bench", str(DECODE), "--target", "cuda", "--runs", "1", "--warmup", "0")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"graphopt bench: error: target 'cuda' is unavailable here: {reason}"
