@@ -59,7 +59,27 @@ class Step:
     free: tuple[int, ...]  # slots dead after this step
 
 
-class CpuExecutable(Executable):
+class SlotExecutable(Executable):
+    """An executor over integer slots: ``input_slots`` / ``output_slots`` map names to slots."""
+
+    input_slots: dict[str, int]
+    output_slots: dict[str, int]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_slots)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.output_slots)
+
+    def check_feeds(self, feeds: dict[str, Any]) -> None:
+        missing = [n for n in self.input_slots if n not in feeds]
+        if missing:
+            raise BackendError(f"missing inputs: {', '.join(missing)}")
+
+
+class CpuExecutable(SlotExecutable):
     def __init__(self, steps: list[Step], n_slots: int, constants: dict[int, np.ndarray],
                  inputs: dict[str, int], outputs: dict[str, int], rewrites: dict[str, int]):
         self.steps = steps
@@ -72,18 +92,8 @@ class CpuExecutable(Executable):
         for slot, value in constants.items():
             self._base[slot] = value
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.input_slots)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.output_slots)
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_slots if n not in feeds]
-        if missing:
-            raise BackendError(f"missing inputs: {', '.join(missing)}")
+        self.check_feeds(feeds)
         env = list(self._base)
         for name, slot in self.input_slots.items():
             env[slot] = np.asarray(feeds[name])
@@ -180,6 +190,15 @@ def _knode(node: gs.Node, model: Model) -> KNode:
     )
 
 
+class Slots(dict):
+    """Tensor name -> integer slot of the executor's environment, given out on first use."""
+
+    def slot(self, name: str) -> int:
+        if name not in self:
+            self[name] = len(self)
+        return self[name]
+
+
 def plan_frees(steps: list, keep: set[int]) -> None:
     """Sets each step's ``free``: the slots (outside ``keep``) whose last use is that step."""
     last_use: dict[int, int] = {}
@@ -197,12 +216,8 @@ def plan_frees(steps: list, keep: set[int]) -> None:
 def _schedule(model: Model, rewrites: dict[str, int]) -> CpuExecutable:
     graph = model.graph
     graph.toposort()
-    slots: dict[str, int] = {}
-
-    def slot(name: str) -> int:
-        if name not in slots:
-            slots[name] = len(slots)
-        return slots[name]
+    slots = Slots()
+    slot = slots.slot
 
     inputs = {t.name: slot(t.name) for t in graph.inputs}
     constants = {slot(name): np.asarray(t.values) for name, t in graph.tensors().items()

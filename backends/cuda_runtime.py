@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt._backend import Executable, op_version
+from graphopt._backend import op_version
 from graphopt._errors import BackendError
 from graphopt._ir import Model
 from graphopt.backends import cuda_ops
-from graphopt.backends.cpu import INTERNAL_DOMAIN, _knode, invoke, plan_frees, store
+from graphopt.backends.cpu import INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, invoke, plan_frees, store
 from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
 from graphopt.backends.cuda_fusion import _is_f32, fuse_elementwise
@@ -217,7 +217,7 @@ def _quant_weight(node: gs.Node, device: Device) -> GemvWeight:
     return w
 
 
-class CudaExecutable(Executable):
+class CudaExecutable(SlotExecutable):
     def __init__(self, device: Device, steps: list[Step], n_slots: int, constants: dict[int, Any],
                  inputs: dict[str, int], outputs: dict[str, int], classes: list[int], rewrites: dict[str, int],
                  graphs: bool, weight_bytes: int):
@@ -244,21 +244,11 @@ class CudaExecutable(Executable):
             if step.kv == "attention":  # its past/present KV go through the in-place append
                 step.fn = cuda_ops.attention_op(step.knode, device, concat=self._kv_concat(i))
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.input_slots)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.output_slots)
-
     # ---------------------------------------------------------------- running
     def run(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
         """Outputs as numpy arrays, except those named in ``keep``, which stay device arrays
         (pass them back as inputs: a KV cache then never leaves the device)."""
-        missing = [n for n in self.input_slots if n not in feeds]
-        if missing:
-            raise BackendError(f"missing inputs: {', '.join(missing)}")
+        self.check_feeds(feeds)
         if self._stream is None:
             env = self._execute(feeds)
         else:
@@ -555,12 +545,8 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         classes = _classify(graph, graph_inputs)
     upload, _ = _transfer(device)
 
-    slots: dict[str, int] = {}
-
-    def slot(name: str) -> int:
-        if name not in slots:
-            slots[name] = len(slots)
-        return slots[name]
+    slots = Slots()
+    slot = slots.slot
 
     inputs = {t.name: slot(t.name) for t in graph.inputs}
     outputs_names = {t.name for t in graph.outputs}

@@ -50,7 +50,7 @@ from graphopt._ir import Model, RawValues, array_view
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
-from graphopt.passes._blockquant import QuantSpec, Quantized, pack_int4, quantize_matrix
+from graphopt.passes._blockquant import QuantSpec, pack_int4, quantize_matrix
 from graphopt.rewrite import Namer, remove_dead
 
 logger = logging.getLogger(__name__)
