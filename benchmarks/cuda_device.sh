@@ -7,8 +7,10 @@
 #                is over the 64 MiB a call carries)
 #   setup        carry .whl; installs onnx-graphsurgeon (+ onnxruntime-gpu when assembled) and graphopt
 #   tests        the GPU tests: kernels vs twins, ONNX node tests, fixtures, greedy tokens, CUDA graphs
-#   bench        exports the Qwen2-0.5B-shaped decoder with torch (in the image), optimizes it for cuda
-#                in fp32 and int4 block 32, and runs `graphopt bench --target cuda` on both
+#   export       exports the Qwen2-0.5B-shaped decoder with torch (in the image) and optimizes it for
+#                cuda in fp32, int4 block 32, and int4 with fused attention (/tmp/work, kept while warm)
+#   bench M      `graphopt bench --target cuda` (with and without --cuda-graphs) on one of them:
+#                q05-cuda | q05-cuda-int4 | q05-cuda-fa-int4
 #
 # Preparing .whl here (once; git-ignored through .git/info/exclude):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -43,7 +45,9 @@ case "${1:-}" in
     PYTHONPATH=$SITE $PY -m pytest -q -p no:cacheprovider tests/backends/test_cuda_gpu.py \
       tests/backends/test_cuda_backend.py -x 2>&1 | tee "$OUT/tests.log" | tail -30
     ;;
-  bench)
+  export)
+    # the Qwen2-0.5B-shaped decoder (torch in the image), optimized for cuda: fp32, int4 b32, int4 b32 with
+    # the device Attention/RotaryEmbedding declared (GPU_UNVERIFIED in backends/cuda.py)
     W=/tmp/work
     mkdir -p $W
     [ -f $W/qwen2-0.5b-decode.onnx ] || \
@@ -52,19 +56,23 @@ case "${1:-}" in
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda.onnx --target cuda --report "$OUT/opt-fp32.json"
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-int4.onnx --target cuda \
       --quant-bits 4 --quant-block 32 --report "$OUT/opt-int4.json"
-    # the same with the device Attention/RotaryEmbedding declared (GPU_UNVERIFIED in backends/cuda.py)
     GRAPHOPT_CUDA_FUSED_ATTENTION=1 graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-fa-int4.onnx \
       --target cuda --quant-bits 4 --quant-block 32
-    for m in q05-cuda q05-cuda-int4 q05-cuda-fa-int4; do
-      export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ $m = q05-cuda-fa-int4 ] && echo 1 || echo 0)
-      graphopt bench $W/$m.onnx --target cuda --prefill 512 --past 128 --runs 20 --warmup 3 \
-        --json "$OUT/bench-$m.json" | tee "$OUT/bench-$m.txt"
-      graphopt bench $W/$m.onnx --target cuda --cuda-graphs --prefill 512 --past 128 --runs 20 --warmup 3 \
-        --json "$OUT/bench-$m-graphs.json" | tee "$OUT/bench-$m-graphs.txt"
-    done
+    ls -la $W
+    ;;
+  bench)
+    # one model per call (each bench is 4 processes): q05-cuda | q05-cuda-int4 | q05-cuda-fa-int4
+    W=/tmp/work
+    m=${2:-q05-cuda-int4}
+    export PYTHONPATH=$SITE
+    export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ "$m" = q05-cuda-fa-int4 ] && echo 1 || echo 0)
+    graphopt bench $W/$m.onnx --target cuda --prefill 512 --past 128 --runs 20 --warmup 3 \
+      --json "$OUT/bench-$m.json" | tee "$OUT/bench-$m.txt"
+    graphopt bench $W/$m.onnx --target cuda --cuda-graphs --prefill 512 --past 128 --runs 20 --warmup 3 \
+      --json "$OUT/bench-$m-graphs.json" | tee "$OUT/bench-$m-graphs.txt"
     ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac
