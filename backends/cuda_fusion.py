@@ -15,6 +15,7 @@ float constants are inlined as literals.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -42,7 +43,7 @@ ELEMENTWISE: dict[str, tuple[int, str, Callable[..., Any]]] = {
     "Sin": (1, "sinf({0})", np.sin),
     "Cos": (1, "cosf({0})", np.cos),
     "Sigmoid": (1, "(1.0f / (1.0f + expf(-{0})))", lambda x: np.float32(1) / (np.float32(1) + np.exp(-x))),
-    "Relu": (1, "fmaxf({0}, 0.0f)", lambda x: np.maximum(x, np.float32(0))),
+    "Relu": (1, "(isnan({0}) ? {0} : fmaxf({0}, 0.0f))", lambda x: np.maximum(x, np.float32(0))),
 }
 
 F32 = np.dtype(np.float32)
@@ -165,7 +166,8 @@ def make_kernel(expr: list, xp: Any, emulated: bool) -> Callable[..., Any]:
     if emulated:
         return lambda *args: evaluate(expr, list(args))
     n = n_inputs(expr)
-    name = f"graphopt_ew_{abs(hash(json.dumps(expr))) % 10**12}"
+    # a name stable across processes, so CuPy's on-disk kernel cache finds it again
+    name = f"graphopt_ew_{hashlib.sha1(json.dumps(expr).encode()).hexdigest()[:16]}"
     kernel = xp.ElementwiseKernel(", ".join(f"float32 x{i}" for i in range(n)), "float32 y",
                                   f"y = {c_expression(expr)};", name)
     return lambda *args: kernel(*args)

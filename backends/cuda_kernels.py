@@ -443,13 +443,17 @@ class Kernels:
     def __init__(self, cupy: Any):
         self.cp = cupy
         self._modules: dict[str, Any] = {}
+        self._functions: dict[tuple[str, str], Any] = {}
 
     def _fn(self, module: str, name: str) -> Any:
-        mod = self._modules.get(module)
-        if mod is None:
-            mod = self.cp.RawModule(code=SOURCES[module], options=("-std=c++17",))
-            self._modules[module] = mod
-        return mod.get_function(name)
+        fn = self._functions.get((module, name))
+        if fn is None:
+            mod = self._modules.get(module)
+            if mod is None:
+                mod = self.cp.RawModule(code=SOURCES[module], options=("-std=c++17",))
+                self._modules[module] = mod
+            fn = self._functions[(module, name)] = mod.get_function(name)
+        return fn
 
     def warm(self) -> None:
         """Compile and load everything now (before a CUDA-graph capture, or to time compilation)."""
@@ -483,6 +487,8 @@ class Kernels:
         contiguous last axis, for all five arrays; bias may broadcast with zero strides)."""
         b, hq, sq, d = q.shape
         t = k.shape[2]
+        if b * hq * sq == 0:  # CuPy would still launch one block, which writes y[0]
+            return
 
         def st(a):  # element strides of the first three axes
             return [np.int64(x // a.itemsize) for x in a.strides[:3]]

@@ -322,7 +322,7 @@ def _rms_norm(n: KNode, d: Device):
 
     def run(x, scale):
         ax = axis % x.ndim
-        if ax == x.ndim - 1 and x.dtype == np.float32 and scale.shape == x.shape[-1:]:
+        if ax == x.ndim - 1 and x.dtype == scale.dtype == np.float32 and scale.shape == x.shape[-1:]:
             if d.kernels is not None:
                 return d.kernels.rms_norm(x, scale, eps)
             return ck.rms_norm_twin(x, scale, eps, xp)
@@ -438,8 +438,8 @@ def attention_op(n: KNode, d: Device, concat: Callable | None = None) -> Callabl
             bias = xp.broadcast_to(bias, (b, hq, sq, t))
             if bias.strides[-1] != 4:
                 bias = xp.ascontiguousarray(bias)
-        if q4.strides[-1] != 4:
-            q4 = xp.ascontiguousarray(q4)
+        # the kernel reads each row's last axis contiguously
+        q4, k4, v4 = (a if a.strides[-1] == 4 else xp.ascontiguousarray(a) for a in (q4, k4, v4))
         scale = float(a["scale"]) if a.get("scale") is not None else 1.0 / math.sqrt(dim)
         causal = past_len if is_causal else -1
         if three_d:
@@ -661,7 +661,9 @@ def gemv_weight(wq: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs:
     (blocks along the output axis) is not one the kernel reads."""
     axis, block, bits = int(attrs.get("axis", 0)), int(attrs.get("block_size", 0)), int(attrs.get("bits", 0))
     signed, n = bool(attrs.get("signed", 1)), int(attrs["n"])
-    codes = _unpack_stored(np.asarray(wq), bits, signed, n)  # [K, N] as stored (or [N, K] transposed)
+    raw = np.asarray(wq)
+    four = bits == 4 or raw.dtype.name in ("int4", "uint4")  # a raw 4-bit constant (tied weights) stays 4-bit
+    codes = _unpack_stored(raw, bits, signed, n)  # [K, N] as stored (or [N, K] transposed)
     s = np.asarray(scale, np.float32)
     z = _as_codes(np.asarray(zp)).astype(np.float32) if zp is not None else None
     if transposed:  # the weight is W^T: [N, K] with blocks along K (axis 1)
@@ -682,8 +684,7 @@ def gemv_weight(wq: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs:
         z2 = z
     else:
         return None
-    wbits = 4 if (bits == 4 or codes.dtype.name in ("int4", "uint4")) else 8
-    return ck.gemv_layout(codes, s2, z2, wbits, signed, blk, xp)
+    return ck.gemv_layout(codes, s2, z2, 4 if four else 8, signed, blk, xp)
 
 
 #: Largest float32 tile (bytes) the prefill path of a quantized MatMul materialises at once.

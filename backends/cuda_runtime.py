@@ -239,7 +239,7 @@ class CudaExecutable(SlotExecutable):
         self._stream = None if device.emulated else device.xp.cuda.Stream(non_blocking=True)
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0}
-        self._capturing = False
+        self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
         for i, step in enumerate(steps):
             if step.kv == "attention":  # its past/present KV go through the in-place append
                 step.fn = cuda_ops.attention_op(step.knode, device, concat=self._kv_concat(i))
@@ -250,15 +250,18 @@ class CudaExecutable(SlotExecutable):
         (pass them back as inputs: a KV cache then never leaves the device)."""
         self.check_feeds(feeds)
         if self._stream is None:
-            env = self._execute(feeds)
-        else:
-            with self._stream:
-                env = self._execute(feeds)
-        out = {}
-        for name, slot in self.output_slots.items():
-            value = env[slot]
-            out[name] = value if name in keep else _contiguous(self._download(value))
+            return self._outputs(self._execute(feeds), keep)
+        xp = self.device.xp
+        caller = xp.cuda.get_current_stream()
+        self._stream.wait_event(caller.record())  # the caller's work on its feeds comes first
+        with self._stream:  # downloads too: asnumpy waits for this stream, not the null stream
+            out = self._outputs(self._execute(feeds), keep)
+        caller.wait_event(self._stream.record())  # and the caller's work on kept outputs after
         return out
+
+    def _outputs(self, env: list[Any], keep) -> dict[str, Any]:
+        return {name: env[slot] if name in keep else _contiguous(self._download(env[slot]))
+                for name, slot in self.output_slots.items()}
 
     def step(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
         return self.run(feeds, keep=keep)
@@ -290,12 +293,19 @@ class CudaExecutable(SlotExecutable):
                     sig.params[slot] = env[slot]
             self._signatures[key] = sig
             while len(self._signatures) > SIGNATURE_CACHE:
-                self._signatures.popitem(last=False)
+                _, old = self._signatures.popitem(last=False)
+                if old.graph is not None and self._stream is not None:
+                    self._stream.synchronize()  # never destroy a graph that may still be running
         else:
             self._walk(env, sig, run_host=False)
-            for slot in self.output_slots.values():
-                if self.classes[slot] == STATIC:
-                    env[slot] = sig.params[slot]
+            self._static_outputs(env, sig)
+        return env
+
+    def _static_outputs(self, env: list[Any], sig: _Signature) -> list[Any]:
+        """Graph outputs computed from shapes alone come from the signature's record."""
+        for slot in self.output_slots.values():
+            if self.classes[slot] == STATIC:
+                env[slot] = sig.params[slot]
         return env
 
     def _on_device(self, value: Any) -> bool:
@@ -351,9 +361,9 @@ class CudaExecutable(SlotExecutable):
         """``Concat([past, new], axis=2)`` of a KV cache, in place when ``past`` is the latest
         view of this step's buffer and the buffer has room; otherwise into a new buffer
         with ``KV_GROW`` tokens to spare. Views handed out earlier are never written.
-        While a CUDA graph is captured, a plain concatenation (fixed addresses)."""
+        While a CUDA graph is warmed up and captured, a plain concatenation (fixed addresses)."""
         xp = self.device.xp
-        if self._capturing:
+        if self._plain_kv:
             return xp.concatenate((past, new), axis=2)
         length, add = past.shape[2], new.shape[2]
         held = self._kv_buffers.get(index)
@@ -378,33 +388,39 @@ class CudaExecutable(SlotExecutable):
     def _replay(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
         xp = self.device.xp
         if sig.graph is None:  # second sighting: capture
-            inputs = {n: xp.asarray(feeds[n]).copy() for n in self.input_slots}
-            env = list(self._base)
-            for name, slot in self.input_slots.items():
-                env[slot] = inputs[name]
-            self.device.kernels.warm()
-            self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
-            if sig.uncapturable is not None:
-                return env
-            env = list(self._base)  # drop the warm-up's arrays: their pool blocks serve the capture
-            for name, slot in self.input_slots.items():
-                env[slot] = inputs[name]
-            stream = self._stream
-            try:
-                stream.begin_capture()
-                self._capturing = True
+            # A private pool: memory the captured kernels use (intermediates, scratch) is never
+            # handed to anything else while the graph lives, since every replay writes it.
+            pool = xp.cuda.MemoryPool()
+            with xp.cuda.using_allocator(pool.malloc):
+                inputs = {n: xp.asarray(feeds[n]).copy() for n in self.input_slots}
+                env = list(self._base)
+                for name, slot in self.input_slots.items():
+                    env[slot] = inputs[name]
+                self.device.kernels.warm()
+                self._plain_kv = True  # no KV buffers swapped by the warm-up or the capture
                 try:
-                    self._walk(env, sig, run_host=False, capturing=True)
+                    self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
+                    if sig.uncapturable is not None:
+                        return self._static_outputs(env, sig)
+                    env = list(self._base)  # drop the warm-up's arrays: their blocks serve the capture
+                    for name, slot in self.input_slots.items():
+                        env[slot] = inputs[name]
+                    stream = self._stream
+                    try:
+                        stream.begin_capture()
+                        try:
+                            self._walk(env, sig, run_host=False, capturing=True)
+                        finally:
+                            graph = stream.end_capture()
+                    except Exception as e:  # capture refused (an op synchronised): op by op from now on
+                        sig.uncapturable = f"capture failed: {type(e).__name__}: {e}"
+                        logger.info("cuda: %s", sig.uncapturable)
+                        return self._execute_plain(sig, feeds)
                 finally:
-                    self._capturing = False
-                    graph = stream.end_capture()
-            except Exception as e:  # capture refused (an op synchronised): run op by op from now on
-                sig.uncapturable = f"capture failed: {type(e).__name__}: {e}"
-                logger.info("cuda: %s", sig.uncapturable)
-                return self._execute_plain(sig, feeds)
-            sig.graph = (graph, inputs, env)
+                    self._plain_kv = False
+            sig.graph = (graph, inputs, env, pool)
             self.stats["graph_captures"] += 1
-        graph, inputs, env = sig.graph
+        graph, inputs, env, _ = sig.graph
         for name, buf in inputs.items():
             value = feeds[name]
             if self._on_device(value):
@@ -413,18 +429,16 @@ class CudaExecutable(SlotExecutable):
                 buf.set(_contiguous(value), stream=self._stream)
         graph.launch(stream=self._stream)
         self.stats["graph_replays"] += 1
-        return [v.copy() if (i in self._output_set and v is not None) else v for i, v in enumerate(env)]
-
-    @property
-    def _output_set(self) -> set[int]:
-        return set(self.output_slots.values())
+        outs = set(self.output_slots.values())
+        return self._static_outputs([v.copy() if (i in outs and v is not None) else v for i, v in enumerate(env)],
+                                    sig)
 
     def _execute_plain(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
         env = list(self._base)
         for name, slot in self.input_slots.items():
             env[slot] = self._upload(np.asarray(feeds[name])) if not self._on_device(feeds[name]) else feeds[name]
         self._walk(env, sig, run_host=False)
-        return env
+        return self._static_outputs(env, sig)
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -561,6 +575,8 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         name = f"{t.name}@device" if for_device else t.name
         if slot(name) not in constants:
             values = _contiguous(_const_values(t))
+            if for_device and values.dtype.name in ("int4", "uint4"):  # CuPy has no 4-bit dtype
+                values = cuda_ops._as_codes(values)
             constants[slot(name)] = upload(values) if for_device else values
             if for_device:
                 weight_bytes += values.nbytes
@@ -645,6 +661,8 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
     n_host = sum(st.host for st in steps)
     logger.debug("cuda: %d steps (%d on the host), %d slots, %d constants", len(steps), n_host, len(slots),
                  len(constants))
+    if not device.emulated:  # the uploads (on the null stream) are done before any step reads them
+        device.xp.cuda.Device().synchronize()
     rewrites["host_steps"] = n_host
     rewrites["device_steps"] = len(steps) - n_host
     return CudaExecutable(device, steps, len(slots), constants, inputs, outputs, classes_by_slot, rewrites,

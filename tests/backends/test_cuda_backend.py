@@ -364,3 +364,16 @@ def test_float16_model_with_quantized_weights_stays_float16():
     want = graphopt.compile(model, "cpu").run({"x": x})["y"]
     assert got.dtype == want.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=1e-2)
+
+
+def test_tied_int4_matrix_stays_4_bit_on_the_device():
+    model = _optimized(FIXTURES / "qwen2-dynamo-decode.onnx", quant_bits=4, quant_block=32, quant_lm_bits=4)
+    exe = graphopt.compile(model, FUSED)
+    assert exe.rewrites["tied_dequant_matmul"] == 2
+    gemv = [v for v in exe._base if isinstance(v, ck.GemvWeight)]
+    assert gemv and all(w.bits == 4 for w in gemv)  # the tied LM head too: half the bytes of 8-bit codes
+    feeds = load_inputs(FIXTURES / "qwen2-dynamo-decode.npz")
+    feeds = {k: feeds[k] for k in exe.input_names}
+    ref = graphopt.compile(model, "cpu").run(feeds)
+    got = exe.run(feeds)
+    np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-4, rtol=0)
