@@ -71,9 +71,20 @@ def test_generate_cli_matches_torch():
     assert res.stdout.strip() == ",".join(str(t) for t in ref["tokens"])
 
 
+def test_generate_cli_with_static_kv_buffers_matches_torch():
+    ref = np.load(FIXTURES / "llama-greedy.npz")
+    prompt = ",".join(str(t) for t in ref["prompt_ids"])
+    res = _cli("generate", str(FIXTURES / "llama-dynamo-decode.onnx"), "--target", "cpu", "--prompt-ids", prompt,
+               "--max-new-tokens", "32", "--static-kv", "64")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ",".join(str(t) for t in ref["tokens"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt-ids", "1,x"], "--prompt-ids expects comma-separated integers"),
     (["--prompt-ids", ","], "--prompt-ids is empty"),
+    (["--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--static-kv", "6"], "static KV cache full (6 slots)"),
+    (["--prompt-ids", "1,2", "--cuda-graphs"], "--cuda-graphs needs --target cuda"),
 ])
 def test_generate_bad_prompt(args, message):
     res = _cli("generate", str(DECODE), *args)
