@@ -261,3 +261,20 @@ def test_decode_with_static_kv_replays_a_cuda_graph_and_matches_torch(name):
     assert tokens == ref["tokens"].tolist()
     # prompt and check step run op by op; the 31 fixed-shape steps: one capture, then replays
     assert exe.stats["graph_captures"] == 1 and exe.stats["graph_replays"] >= 29
+
+
+@gpu
+@pytest.mark.parametrize("extra", [[], ["--cuda-graphs"]], ids=["growing-kv", "static-kv-graphs"])
+def test_generate_cli_on_the_gpu_reproduces_torch(tmp_path, extra):
+    import subprocess
+    import sys
+
+    ref = np.load(FIXTURES / "qwen2-greedy.npz")
+    out = tmp_path / "q.onnx"
+    src = FIXTURES / "qwen2-dynamo-decode.onnx"
+    run = [sys.executable, "-m", "graphopt._cli"]
+    assert subprocess.run(run + ["optimize", str(src), "-o", str(out), "--target", "cuda"]).returncode == 0
+    res = subprocess.run(run + ["generate", str(out), "--target", "cuda", "--max-new-tokens", "32", "--prompt-ids",
+                                ",".join(str(t) for t in ref["prompt_ids"]), *extra], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ",".join(str(t) for t in ref["tokens"])
