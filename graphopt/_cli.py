@@ -46,7 +46,8 @@ _QUANT_FLAGS = {"quant_bits": "quant_bits", "quant_block": "quant_block", "lm_qu
                 "lm_quant_block": "quant_lm_block", "embed_quant_bits": "quant_embed_bits",
                 "embed_quant_block": "quant_embed_block", "quant_method": "quant_method",
                 "quant_scale_dtype": "quant_scale_dtype", "quant_min_elements": "quant_min_elements",
-                "quant_include": "quant_include", "quant_exclude": "quant_exclude"}
+                "quant_include": "quant_include", "quant_exclude": "quant_exclude",
+                "quant_calib_tokens": "quant_calib_tokens"}
 
 
 def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,9 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--embed-quant-bits", type=int, choices=(4, 8), help="bits of the embedding table (default: float)")
     q.add_argument("--embed-quant-block", type=int, metavar="N", help="block size of the embedding table")
     q.add_argument("--quant-asym", action="store_true", help="asymmetric (zero points, UINT4/UINT8)")
-    q.add_argument("--quant-method", choices=("rtn", "search", "activation"),
+    q.add_argument("--quant-method", choices=("rtn", "search", "activation", "gptq"),
                    help="rtn: round to nearest (default); search: error-minimising block scales; "
-                        "activation: search weighted by activations from sample inputs")
+                        "activation: search weighted by activations from sample inputs; "
+                        "gptq: minimise each MatMul's output error on calibration activations")
+    q.add_argument("--quant-calib-tokens", type=int, metavar="N",
+                   help="gptq: activation rows of generated calibration inputs (default 16384)")
     q.add_argument("--quant-scale-dtype", choices=("float32", "float16"), help="dtype of the scales")
     q.add_argument("--quant-include", action="append", metavar="PATTERN", help="only weights matching (fnmatch)")
     q.add_argument("--quant-exclude", action="append", metavar="PATTERN", help="skip weights matching (fnmatch)")

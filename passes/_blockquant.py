@@ -70,8 +70,8 @@ class QuantSpec:
             raise GraphoptError(f"{what}: {self.bits}-bit weights are not supported (use 4 or 8)")
         if self.block < 16 or self.block & (self.block - 1):
             raise GraphoptError(f"{what}: block size {self.block} is not a power of two >= 16")
-        if self.method not in ("rtn", "search", "activation"):
-            raise GraphoptError(f"{what}: unknown method {self.method!r} (rtn, search, activation)")
+        if self.method not in ("rtn", "search", "activation", "gptq"):
+            raise GraphoptError(f"{what}: unknown method {self.method!r} (rtn, search, activation, gptq)")
         if self.scale_dtype not in ("float32", "float16"):
             raise GraphoptError(f"{what}: scale dtype {self.scale_dtype!r} (float32 or float16)")
 

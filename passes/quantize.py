@@ -20,8 +20,11 @@ does nothing without it), ``quant_block`` (power of two ≥ 16, default 32),
 (round to nearest), ``search`` (per-block clipping search with a least-squares scale, in
 the spirit of llama.cpp's error-minimising scales) or ``activation`` (``search`` with the
 error weighted per input channel by mean squared activations collected by running the
-model on the CPU backend with generated inputs), ``quant_include`` / ``quant_exclude``
-(fnmatch patterns on weight names), ``quant_min_elements``.
+model on the CPU backend with generated inputs) or ``gptq`` (the output error of each
+MatMul on calibration activations, :mod:`graphopt.passes._gptq`: ``quant_calib_tokens``
+rows, 16384 by default, of generated inputs run on the CPU backend; weights without a
+MatMul input, e.g. an embedding table, use ``search``), ``quant_include`` /
+``quant_exclude`` (fnmatch patterns on weight names), ``quant_min_elements``.
 
 A reduction axis that is not a multiple of the block size ends in a partial block: the
 scale has ``ceil(K / block)`` rows, as the DequantizeLinear spec allows; onnxruntime and
@@ -33,6 +36,7 @@ Per weight the pass records the relative RMS error and SQNR of the dequantized w
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -51,6 +55,7 @@ from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
 from graphopt.passes._blockquant import QuantSpec, pack_int4, quantize_matrix
+from graphopt.passes._gptq import Calibration, gptq_matrix
 from graphopt.rewrite import Namer, remove_dead
 
 logger = logging.getLogger(__name__)
@@ -144,6 +149,7 @@ class Quantize(Pass):
         specs["tied"] = specs["lm_head"]
         for role, spec in specs.items():
             spec.check(f"quantize ({role})")
+        tokens = _calib_tokens(ctx) if common["method"] == "gptq" else 0
         uses = self._find(model, ctx)
         if not uses:
             if ctx.option("quant_include"):
@@ -153,7 +159,12 @@ class Quantize(Pass):
         if reason:
             raise GraphoptError(f"quantize needs opset {OPSET} for blocked DequantizeLinear: {reason}")
         uses = self._find(model, ctx)  # an upgrade re-creates the graph
-        importance = self._importance(model, uses) if common["method"] == "activation" else {}
+        if common["method"] == "activation":
+            importance = self._importance(model, uses)
+        elif common["method"] == "gptq":
+            importance = self._calibrate(model, uses, tokens)
+        else:
+            importance = {}
         todo = [(use, specs[use.role]) for use in uses if use.role in specs]
         details, counts, saved = [], {"quantized": 0}, 0
         names = Namer(model.graph)
@@ -238,6 +249,40 @@ class Quantize(Pass):
                 result[id(use.weight)] = np.mean(x.reshape(-1, x.shape[-1]) ** 2, axis=0)
         return result
 
+    def _calibrate(self, model: Model, uses: list[_Use], tokens: int) -> dict[int, Calibration]:
+        """GPTQ's sums of each weight's MatMul input over ``tokens`` activation rows, from
+        CPU-backend runs on generated inputs (batch 32 × 32 new tokens after 32 past ones,
+        seeds 1000, 1001, …: not the seeds of graphopt's other generated inputs)."""
+        from graphopt._api import compile as compile_model
+        from graphopt._inputs import InputSpec, build_inputs
+
+        probe = model.copy()
+        wanted: dict[str, list[_Use]] = {}
+        for u in uses:
+            if u.activation is not None and u.role != "embedding":
+                wanted.setdefault(u.activation.name, []).append(u)
+        tensors = probe.graph.tensors()
+        extra = [tensors[n] for n in wanted if n in tensors and not isinstance(tensors[n], gs.Constant)]
+        if not extra:
+            return {}
+        for t in extra:
+            if t.dtype is None:
+                t.dtype = np.float32
+        probe.graph.outputs = list(probe.graph.outputs) + [t for t in extra if t not in probe.graph.outputs]
+        exe = compile_model(probe, "cpu")
+        sums: dict[str, Calibration] = {}
+        rows = 0
+        for run in range(_MAX_CALIB_RUNS):
+            out = exe.run(build_inputs(probe, InputSpec(batch=32, seq=32, past=32, left_pad=0, seed=1000 + run)))
+            for t in extra:
+                x = out[t.name]
+                sums.setdefault(t.name, Calibration.empty(x.shape[-1])).add(x)
+            rows = min(c.rows for c in sums.values())
+            if rows >= tokens:
+                break
+        logger.info("quantize: gptq calibration on %d activation rows (%d runs)", rows, run + 1)
+        return {id(u.weight): sums[name] for name, us in wanted.items() if name in sums for u in us}
+
     # ------------------------------------------------------------- rewrite
     def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, done: tuple, unique_name) -> dict:
         w = use.weight
@@ -270,11 +315,30 @@ class Quantize(Pass):
                 **q.stats()}
 
 
-def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | None) -> tuple:
+_MAX_CALIB_RUNS = 1024
+
+
+def _calib_tokens(ctx: PassContext) -> int:
+    tokens = ctx.option("quant_calib_tokens", 16384)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise GraphoptError(f"quantize: quant_calib_tokens must be a positive integer, got {tokens!r}")
+    return tokens
+
+
+def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None) -> tuple:
     """The arithmetic of one weight (no graph access: runs on a worker thread): the result,
     and codes and zero points as they will be stored."""
     values = array_view(use.weight)  # no copy of the float weight
     mat = values if use.axis == 0 else values.T  # reduction axis first
+    if isinstance(importance, Calibration):
+        hessian, damp = importance.hessian() if importance.xtx.shape[0] == mat.shape[0] else (None, 0.0)
+        if hessian is not None and np.isfinite(hessian).all():
+            q = gptq_matrix(mat, hessian, spec, damp)
+            zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
+            return q, _layout(q.codes, spec.bits, use.axis), zeros
+        importance = None  # no usable calibration (non-finite activations): the scale search
+    if spec.method == "gptq":  # no calibration for this weight (an embedding table): the scale search
+        spec = dataclasses.replace(spec, method="search")
     if importance is not None and importance.shape[0] != mat.shape[0]:
         importance = None
     q = quantize_matrix(mat, spec, importance, pack=use.axis == 0)

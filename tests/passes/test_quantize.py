@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from conftest import FIXTURES, run_ort, split_reference
 from graphopt.passes._blockquant import pack_int4, quantize_matrix
+from graphopt.passes._gptq import MIN_DAMP, Calibration, gptq_matrix
 from graphopt.passes.quantize import QuantSpec, dequantize_blocks, error_stats, quantize_blocks
 
 RNG = np.random.default_rng(0)
@@ -147,7 +148,8 @@ def test_partial_block_and_zero_points_run_everywhere(symmetric):
 @pytest.mark.parametrize("options, message", [
     (dict(quant_bits=3), "3-bit weights are not supported"),
     (dict(quant_bits=4, quant_block=24), "block size 24 is not a power of two >= 16"),
-    (dict(quant_bits=4, quant_method="gptq"), "unknown method 'gptq'"),
+    (dict(quant_bits=4, quant_method="awq"), "unknown method 'awq'"),
+    (dict(quant_bits=4, quant_method="gptq", quant_calib_tokens=0), "quant_calib_tokens must be a positive integer"),
 ])
 def test_bad_options_are_user_errors(options, message):
     with pytest.raises(graphopt.PassError, match=message):
@@ -177,3 +179,82 @@ def test_codes_packed_tile_by_tile_match_packing_afterwards():
     tiled = quantize_matrix(w, QuantSpec(4, 32), pack=True)
     assert tiled.packed and tiled.codes.shape == (100, 20)
     assert tiled.codes.tobytes() == pack_int4(quantize_matrix(w, QuantSpec(4, 32)).codes).tobytes()
+
+
+# ------------------------------------------------------------------ gptq
+def _correlated_inputs(rows: int, mix: np.ndarray, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, mix.shape[0])).astype(np.float32) @ mix
+
+
+def _mixing(k: int) -> np.ndarray:
+    """Correlated input channels with a wide spread of variances, as real activations have."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    return (q * np.geomspace(10.0, 0.1, k)).astype(np.float32) @ q.T.astype(np.float32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_lowers_output_error_on_held_out_inputs(symmetric):
+    k, n = 96, 40  # K = 96 with block 32; 80 with block 64 below: a partial block
+    mix = _mixing(k)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    cal = Calibration.empty(k)
+    cal.add(_correlated_inputs(4096, mix, seed=1))
+    held_out = _correlated_inputs(1024, mix, seed=2)
+    for block, rows in ((32, k), (64, 80)):
+        spec = QuantSpec(4, block, symmetric, method="gptq")
+        hessian, damp = cal.hessian() if rows == k else (cal.hessian()[0][:rows, :rows], MIN_DAMP)
+        q = gptq_matrix(w[:rows], hessian, spec, damp)
+        assert q.codes.shape == (rows, n) and q.scales.shape == (-(-rows // block), n)
+        lo, hi = (-8, 7) if symmetric else (0, 15)
+        assert q.codes.min() >= lo and q.codes.max() <= hi
+
+        def output_error(codes, scales, zeros):
+            deq = dequantize_blocks(codes, scales, zeros, block)
+            return float(np.sum((held_out[:, :rows] @ (w[:rows] - deq)) ** 2))
+        gptq = output_error(q.codes, q.scales, q.zeros)
+        for method in ("rtn", "search"):
+            other = output_error(*quantize_blocks(w[:rows], QuantSpec(4, block, symmetric, method=method)))
+            assert gptq < 0.6 * other, (block, method, gptq, other)
+        # the weight error the pass reports is the dequantized weight's
+        deq = dequantize_blocks(q.codes, q.scales, q.zeros, block)
+        assert q.stats()["rel_rms_error"] == pytest.approx(error_stats(w[:rows], deq)["rel_rms_error"], rel=1e-4)
+
+
+def test_gptq_dampening_shrinks_isotropic_samples_more():
+    k = 64
+    iso, skew = Calibration.empty(k), Calibration.empty(k)
+    iso.add(RNG.standard_normal((256, k)).astype(np.float32))  # few rows: the sample H is mostly noise
+    skew.add(_correlated_inputs(256, _mixing(k), seed=3))
+    assert skew.hessian()[1] < 0.1 < iso.hessian()[1]
+    skew.add(_correlated_inputs(4096, _mixing(k), seed=4))  # a bigger sample of the same: trusted more
+    assert skew.hessian()[1] == pytest.approx(MIN_DAMP)
+
+
+def _two_matmuls(k=64, n=32, rows=256):
+    """x → MatMul(mix) → MatMul(w): only ``w`` is quantized; its input has correlated channels."""
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "mix"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+                          [numpy_helper.from_array(_mixing(k), "mix"), numpy_helper.from_array(w, "w")])
+    return graphopt.Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])), w
+
+
+def test_gptq_pass_calibrates_on_the_cpu_backend_and_beats_search():
+    model, w = _two_matmuls()
+    outs = {method: graphopt.optimize(model, target="cpu", passes=["quantize"], verify=True, quant_bits=4,
+                                      quant_block=32, quant_include="w", quant_method=method,
+                                      quant_calib_tokens=2048)
+            for method in ("rtn", "search", "gptq")}
+    detail = outs["gptq"].history[0].details["weights"]
+    assert [(d["name"], d["method"]) for d in detail] == [("w", "gptq")]
+    x = np.random.default_rng(99).standard_normal((256, 64)).astype(np.float32)  # not a calibration input
+    exact = (x @ _mixing(64)) @ w
+    errors = {}
+    for method, out in outs.items():
+        cpu = graphopt.compile(out, "cpu").run({"x": x})["y"]
+        errors[method] = float(np.linalg.norm(cpu - exact))
+        if method == "gptq":
+            np.testing.assert_allclose(cpu, run_ort(out, {"x": x})["y"], atol=1e-3, rtol=1e-5)
+    assert errors["gptq"] < 0.7 * min(errors["search"], errors["rtn"]), errors
