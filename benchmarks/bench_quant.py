@@ -545,7 +545,7 @@ def bench_model(spec: ModelSpec, args, console, report: dict) -> None:
     ref_cache.unlink(missing_ok=True)
     repeat = args.repeat_big if spec.big else args.repeat
     timed = not spec.tiny  # wait for idle CPUs before each timed run (not worth it for the fixtures)
-    methods = [m for m in GO_METHODS if m != "activation" or not spec.big or not args.no_activation_big]
+    methods = [m for m in args.methods if m != "activation" or not spec.big or not args.no_activation_big]
     report["models"][spec.key] = m_rep
 
     for bits, block in SETTINGS:
@@ -586,7 +586,7 @@ def bench_model(spec: ModelSpec, args, console, report: dict) -> None:
         s_rep["graphopt_only_weights"] = extra
         s_rep["ort_only_weights"] = missing
         if extra:  # e.g. a tied LM head, which onnxruntime's quantizer leaves in fp32: add a matched run
-            for method in ("rtn", "search"):
+            for method in ["rtn", "search"] + (["gptq"] if "gptq" in methods else []):
                 tool = f"go-{method}=ort-set"
                 dst = wd / f"{skey}-{tool}.onnx"
                 remove_model(dst)
@@ -801,6 +801,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "1 with --quick)")
     ap.add_argument("--repeat-big", type=int, default=1, help="quantization runs per tool, the 2.5 GB model")
     ap.add_argument("--no-activation-big", action="store_true", help="skip graphopt 'activation' on the 2.5 GB model")
+    ap.add_argument("--methods", nargs="+", default=GO_METHODS, choices=GO_METHODS + ["gptq"],
+                    help="graphopt methods to run (default: rtn search activation; gptq takes minutes per model)")
     ap.add_argument("--ort-python", help="interpreter for onnxruntime's quantizer (needs onnx_ir); default: this one")
     ap.add_argument("--torch-python", help="interpreter with torch to regenerate llama-150m if missing")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads for the error runs")
