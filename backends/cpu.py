@@ -62,8 +62,18 @@ class Step:
 class SlotExecutable(Executable):
     """An executor over integer slots: ``input_slots`` / ``output_slots`` map names to slots."""
 
-    input_slots: dict[str, int]
-    output_slots: dict[str, int]
+    def __init__(self, steps: list, n_slots: int, constants: dict[int, Any], inputs: dict[str, int],
+                 outputs: dict[str, int], rewrites: dict[str, int]):
+        self.steps = steps
+        self.n_slots = n_slots
+        self.constants = constants
+        self.input_slots = inputs
+        self.output_slots = outputs
+        self.rewrites = rewrites
+        #: The environment every run starts from: constants in their slots.
+        self._base: list[Any] = [None] * n_slots
+        for slot, value in constants.items():
+            self._base[slot] = value
 
     @property
     def input_names(self) -> list[str]:
@@ -80,18 +90,6 @@ class SlotExecutable(Executable):
 
 
 class CpuExecutable(SlotExecutable):
-    def __init__(self, steps: list[Step], n_slots: int, constants: dict[int, np.ndarray],
-                 inputs: dict[str, int], outputs: dict[str, int], rewrites: dict[str, int]):
-        self.steps = steps
-        self.n_slots = n_slots
-        self.constants = constants
-        self.input_slots = inputs
-        self.output_slots = outputs
-        self.rewrites = rewrites
-        self._base: list[Any] = [None] * n_slots
-        for slot, value in constants.items():
-            self._base[slot] = value
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)
         env = list(self._base)

@@ -91,6 +91,11 @@ def _layer_norm(n: KNode) -> Kernel:
 
 @kernel("RMSNormalization", since=23, predicate=_with(std_dtypes, _stash_in(1, 10, 11)))
 def _rms_norm(n: KNode) -> Kernel:
+    return rms_norm_kernel(n, np)
+
+
+def rms_norm_kernel(n: KNode, xp) -> Kernel:
+    """``RMSNormalization``-23 over the array module ``xp`` (numpy here, CuPy on the cuda backend)."""
     axis, eps = int(n.attr("axis", -1)), float(n.attr("epsilon", 1e-5))
     stash = _np_dtype(n.attr("stash_type", 1))
     # Y has the type of Scale (V in the schema), which is usually X's
@@ -101,7 +106,7 @@ def _rms_norm(n: KNode) -> Kernel:
         red = tuple(range(ax, x.ndim))
         cd = np.result_type(stash, x.dtype) if x.dtype.kind == "f" else stash
         xc = x.astype(cd, copy=False)
-        inv = 1.0 / np.sqrt(np.mean(xc * xc, axis=red, keepdims=True) + cd.type(eps))
+        inv = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=red, keepdims=True) + cd.type(eps))
         y = xc * inv
         y *= scale.astype(cd, copy=False)
         return y.astype(out_dtype or scale.dtype, copy=False)

@@ -221,18 +221,11 @@ class CudaExecutable(SlotExecutable):
     def __init__(self, device: Device, steps: list[Step], n_slots: int, constants: dict[int, Any],
                  inputs: dict[str, int], outputs: dict[str, int], classes: list[int], rewrites: dict[str, int],
                  graphs: bool, weight_bytes: int):
+        super().__init__(steps, n_slots, constants, inputs, outputs, rewrites)
         self.device = device
-        self.steps = steps
-        self.n_slots = n_slots
-        self.input_slots = inputs
-        self.output_slots = outputs
         self.classes = classes
-        self.rewrites = rewrites
         self.graphs = graphs and not device.emulated
         self.weight_bytes = weight_bytes
-        self._base: list[Any] = [None] * n_slots
-        for slot, value in constants.items():
-            self._base[slot] = value
         self._upload, self._download = _transfer(device)
         self._signatures: OrderedDict[tuple, _Signature] = OrderedDict()
         self._kv_buffers: dict[tuple, tuple[Any, int]] = {}  # (step, key|value) -> (buffer, committed length)
@@ -240,9 +233,11 @@ class CudaExecutable(SlotExecutable):
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0}
         self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
-        for i, step in enumerate(steps):
-            if step.kv == "attention":  # its past/present KV go through the in-place append
+        for i, step in enumerate(steps):  # KV-cache steps append through the in-place buffers
+            if step.kv == "attention":
                 step.fn = cuda_ops.attention_op(step.knode, device, concat=self._kv_concat(i))
+            elif step.kv == "concat":
+                step.fn = self._kv_concat(i, "")
 
     # ---------------------------------------------------------------- running
     def run(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -317,7 +312,7 @@ class CudaExecutable(SlotExecutable):
     def _walk(self, env: list[Any], sig: _Signature, run_host: bool, capturing: bool = False) -> None:
         """Runs the steps. A fresh signature (``run_host``) runs host steps too and records the
         static values device steps read; later runs of that signature take them from ``sig``."""
-        for i, step in enumerate(self.steps):
+        for step in self.steps:
             if step.host and not run_host:
                 continue
             args = []
@@ -344,8 +339,7 @@ class CudaExecutable(SlotExecutable):
                         v = sig.values[s] = self._upload(np.asarray(env[s]))
                 args.append(v)
             self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
-            fn = step.fn if step.kv != "concat" else self._kv_concat(i, "")
-            store(env, step.outputs, invoke("cuda", step.name, step.op, fn, args))
+            store(env, step.outputs, invoke("cuda", step.name, step.op, step.fn, args))
             if not capturing:
                 for slot in step.free:
                     env[slot] = None

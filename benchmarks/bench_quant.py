@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_io import _fsync, _peak_rss  # stdlib-only helpers of the sibling benchmark
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MB = 1e6
@@ -58,22 +60,6 @@ ACC_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 # =========================================================================== helpers (no graphopt imports)
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def disk_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
