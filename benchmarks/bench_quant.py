@@ -531,7 +531,8 @@ def bench_model(spec: ModelSpec, args, console, report: dict) -> None:
     ref_cache.unlink(missing_ok=True)
     repeat = args.repeat_big if spec.big else args.repeat
     timed = not spec.tiny  # wait for idle CPUs before each timed run (not worth it for the fixtures)
-    methods = [m for m in args.methods if m != "activation" or not spec.big or not args.no_activation_big]
+    wanted = dict.fromkeys(["rtn", "search", *args.methods])  # the report compares against rtn and search
+    methods = [m for m in wanted if m != "activation" or not spec.big or not args.no_activation_big]
     report["models"][spec.key] = m_rep
 
     for bits, block in SETTINGS:
@@ -788,7 +789,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeat-big", type=int, default=1, help="quantization runs per tool, the 2.5 GB model")
     ap.add_argument("--no-activation-big", action="store_true", help="skip graphopt 'activation' on the 2.5 GB model")
     ap.add_argument("--methods", nargs="+", default=GO_METHODS, choices=GO_METHODS + ["gptq"],
-                    help="graphopt methods to run (default: rtn search activation; gptq takes minutes per model)")
+                    help="graphopt methods to run; rtn and search always run (default: rtn search activation; "
+                         "gptq takes minutes per model)")
     ap.add_argument("--ort-python", help="interpreter for onnxruntime's quantizer (needs onnx_ir); default: this one")
     ap.add_argument("--torch-python", help="interpreter with torch to regenerate llama-150m if missing")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads for the error runs")
