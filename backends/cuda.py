@@ -5,9 +5,10 @@ The declared table is built from the device implementations in
 and indexing ops an LLM decoder uses, a fused ``RMSNormalization`` kernel, softmax,
 block-wise ``DequantizeLinear`` fused with the ``MatMul``/``Gather`` it feeds), each
 narrowed by dtype predicates. Standard ``Attention`` and ``RotaryEmbedding`` have device
-code (the cpu kernels' code, written over an array module, run on CuPy) but are declared
-only with ``fused_attention=True`` until they pass on a GPU (:data:`GPU_UNVERIFIED`). It
-does not declare ``LayerNormalization`` or ``Gelu``. Legalization splits back whatever it
+code (the cpu kernels' code over an array module, plus ``attn_decode`` and ``rotary`` kernels),
+verified on an H100 (ONNX node tests, fixtures, greedy tokens); ``fused_attention=False``
+(or ``GRAPHOPT_CUDA_FUSED_ATTENTION=0``) leaves them undeclared, so attention is split back
+into primitives (:data:`FUSED_ATTENTION_OPS`). It does not declare ``LayerNormalization`` or ``Gelu``. Legalization splits back whatever it
 does not declare into primitives it does.
 
 Importing this module never imports CuPy: the table is queryable on any machine.
@@ -109,12 +110,12 @@ def _versions(op: str) -> tuple[int, int]:
     return since, onnx.defs.get_schema(op).since_version
 
 
-#: Declared only once their device code has passed the ONNX node tests and the fixtures *on a GPU*
-#: (they pass in emulation: ``tests/backends/test_cuda_backend.py``); until then legalization splits
-#: them back for ``--target cuda``. ``CudaBackend(fused_attention=True)`` declares them now, and so
-#: does the environment variable ``GRAPHOPT_CUDA_FUSED_ATTENTION=1`` for the registered target.
-GPU_UNVERIFIED = ("Attention", "RotaryEmbedding")
-FUSED_ATTENTION_DEFAULT = os.environ.get("GRAPHOPT_CUDA_FUSED_ATTENTION") == "1"
+#: Declared since their device code passed the ONNX node tests, the fixtures and torch's greedy
+#: tokens on an H100 (``tests/backends/test_cuda_gpu.py``). ``CudaBackend(fused_attention=False)``,
+#: or ``GRAPHOPT_CUDA_FUSED_ATTENTION=0`` for the registered target, leaves them out: legalization
+#: then splits attention back into primitives (to compare, or to work around a kernel problem).
+FUSED_ATTENTION_OPS = ("Attention", "RotaryEmbedding")
+FUSED_ATTENTION_DEFAULT = os.environ.get("GRAPHOPT_CUDA_FUSED_ATTENTION", "1") != "0"
 
 
 def capability_table(fused_attention: bool = FUSED_ATTENTION_DEFAULT) -> list[OpSupport]:
@@ -126,7 +127,7 @@ def capability_table(fused_attention: bool = FUSED_ATTENTION_DEFAULT) -> list[Op
     for (domain, op) in sorted(DEVICE_OPS):
         if domain:
             continue  # the runtime's own fused nodes are never declared
-        if op in GPU_UNVERIFIED and not fused_attention:
+        if op in FUSED_ATTENTION_OPS and not fused_attention:
             continue
         since, until = _versions(op)
         if op == "DequantizeLinear":
@@ -165,7 +166,7 @@ class CudaBackend(Backend):
     def __init__(self, emulate: bool = False, graphs: bool = False, fused_attention: bool | None = None,
                  fuse_elementwise: bool = True):
         #: numpy stands in for the device (tests without a GPU); ``graphs``: capture repeated steps;
-        #: ``fused_attention``: declare Attention and RotaryEmbedding (see ``GPU_UNVERIFIED``);
+        #: ``fused_attention``: declare Attention and RotaryEmbedding (see ``FUSED_ATTENTION_OPS``);
         #: ``fuse_elementwise``: one kernel per tree of float32 elementwise ops (``cuda_fusion``).
         self.emulate = emulate
         self.graphs = graphs

@@ -305,6 +305,94 @@ extern "C" __global__ void rotary(const float* __restrict__ x, const float* __re
 }
 """
 
+# float32 matmuls without cuBLAS (CuPy refuses cuBLAS calls while a stream is captured, so these
+# keep a decode step capturable in one CUDA graph).
+# gemv_f32_r{R}: y[r, col] = sum_k x[r, k] * wt[col * ldw + k] (+ bias[col]) (+ resid[r, col]) for r < m <= R;
+# wt is the weight stored k-contiguous (W^T rows; how the runtime lays out a constant MatMul weight, and
+# what a transposed tied embedding already is). One warp per output column, 16-byte loads when aligned.
+# mm_small: C[q0, q1, i, j] = sum_k A[q0, q1, i, k] * B[q0, q1, k, j], any element strides (0: broadcast),
+# C contiguous; one thread per output element (the small batched products of a decode step).
+_MM = r"""
+template <int ROWS>
+__device__ void gemv_f32_impl(const float* __restrict__ x, const float* __restrict__ wt,
+                              const float* __restrict__ bias, const float* __restrict__ resid,
+                              float* __restrict__ y, const int m, const int k, const int n, const long long ldw) {
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const float* wc = wt + (long long)col * ldw;
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    const bool vec = (k & 3) == 0 && (ldw & 3) == 0 && (reinterpret_cast<unsigned long long>(wt) & 15) == 0
+                     && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
+    if (vec) {
+        for (int k0 = lane * 4; k0 < k; k0 += 128) {
+            const float4 w4 = *reinterpret_cast<const float4*>(wc + k0);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                if (r < m) {
+                    const float4 x4 = *reinterpret_cast<const float4*>(x + (long long)r * k + k0);
+                    acc[r] += x4.x * w4.x + x4.y * w4.y + x4.z * w4.z + x4.w * w4.w;
+                }
+            }
+        }
+    } else {
+        for (int kk = lane; kk < k; kk += 32) {
+            const float w1 = wc[kk];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) if (r < m) acc[r] += x[(long long)r * k + kk] * w1;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        float s = warp_sum(acc[r]);
+        if (lane == 0 && r < m) {
+            if (bias) s += bias[col];
+            if (resid) s += resid[(long long)r * n + col];
+            y[(long long)r * n + col] = s;
+        }
+    }
+}
+
+#define GEMV_F32(R) \
+extern "C" __global__ void gemv_f32_r##R(const float* x, const float* wt, const float* bias, const float* resid, \
+                                         float* y, const int m, const int k, const int n, const long long ldw) { \
+    gemv_f32_impl<R>(x, wt, bias, resid, y, m, k, n, ldw); \
+}
+GEMV_F32(1)
+GEMV_F32(2)
+GEMV_F32(4)
+GEMV_F32(8)
+
+extern "C" __global__ void mm_small(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
+                                    const int b1, const int m, const int n, const int k,
+                                    const long long a0, const long long a1, const long long ai, const long long ak,
+                                    const long long s0, const long long s1, const long long sk, const long long sj,
+                                    const long long total) {
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int j = (int)(e % n);
+        long long t = e / n;
+        const int i = (int)(t % m);
+        t /= m;
+        const int q1 = (int)(t % b1), q0 = (int)(t / b1);
+        const float* ap = a + q0 * a0 + q1 * a1 + i * ai;
+        const float* bp = b + q0 * s0 + q1 * s1 + j * sj;
+        float acc = 0.0f;
+        for (int kk = 0; kk < k; ++kk) acc += ap[kk * ak] * bp[kk * sk];
+        c[e] = acc;
+    }
+}
+"""
+
+MM_KERNELS = ("gemv_f32_r1", "gemv_f32_r2", "gemv_f32_r4", "gemv_f32_r8", "mm_small")
+#: Multiply-adds up to which a float32 matmul takes ``mm_small`` rather than cuBLAS.
+MM_SMALL_MACS = 1 << 22
+#: Warps (output columns) per block of the float32 GEMV.
+GEMV_F32_WARPS = 8
+
+
 #: Keys the decode-attention kernel keeps in shared memory (longer contexts take the cuBLAS path).
 ATTN_MAX_KEYS = 8192
 #: Query rows per head up to which the kernel is used (decode, speculative steps); prefill uses cuBLAS.
@@ -317,6 +405,7 @@ SOURCES: dict[str, str] = {
     "dq": _COMMON + _DQ + _dq_entry_points(),
     "attn_decode": _COMMON + _ATTN,
     "rotary": _ROTARY,
+    "mm": _COMMON + _MM,
 }
 
 
@@ -463,6 +552,8 @@ class Kernels:
         self._fn("rotary", "rotary")
         for name in dq_kernel_names():
             self._fn("dq", name)
+        for name in MM_KERNELS:
+            self._fn("mm", name)
 
     def _rows(self, name: str, x: Any, *extra: Any) -> Any:
         """Launches a row kernel (one block per row of the last axis) on float32 ``x``."""
@@ -535,6 +626,47 @@ class Kernels:
             x2, w.codes, w.scale, zero, bias if bias is not None else null, resid if resid is not None else null,
             y, np.int32(m), np.int32(w.k), np.int32(w.n), np.int32(w.words), np.int32(w.block), np.int32(w.nblk)))
         return y
+
+    def gemv_f32(self, x2: Any, wt: Any, ldw: int, n: int, bias: Any = None, resid: Any = None) -> Any:
+        """x2: float32 [m, K] contiguous, m <= GEMV_MAX_ROWS; ``wt``: the weight's first element, column
+        ``col`` at ``wt[col * ldw:][:K]`` (k-contiguous); returns [m, n] (+ bias [n], + resid [m, n])."""
+        cp = self.cp
+        m = x2.shape[0]
+        y = cp.empty((m, n), cp.float32)
+        if m and n:
+            rows = next(r for r in (1, 2, 4, 8) if m <= r)
+            null = np.uint64(0)
+            self._fn("mm", f"gemv_f32_r{rows}")((-(-n // GEMV_F32_WARPS),), (32 * GEMV_F32_WARPS,), (
+                x2, wt, bias if bias is not None else null, resid if resid is not None else null, y,
+                np.int32(m), np.int32(x2.shape[1]), np.int32(n), np.int64(ldw)))
+        return y
+
+    def mm_small(self, a: Any, b: Any) -> Any:
+        """``a @ b`` for float32 ``a`` [..., M, K], ``b`` [..., K, N] with at most two batch axes
+        (broadcasting), any strides; returns a contiguous [batch..., M, N]."""
+        cp = self.cp
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        m, k = a.shape[-2:]
+        n = b.shape[-1]
+        out = cp.empty(batch + (m, n), cp.float32)
+        total = out.size
+        if total == 0:
+            return out
+        if k == 0:
+            out.fill(0)
+            return out
+        lead = (1,) * (2 - len(batch)) + batch if len(batch) <= 2 else (int(np.prod(batch[:-1])), batch[-1])
+        aa = cp.broadcast_to(a, batch + (m, k)).reshape(lead + (m, k))  # a copy only past two batch axes
+        bb = cp.broadcast_to(b, batch + (k, n)).reshape(lead + (k, n))
+
+        def st(x):
+            return [np.int64(s // 4 if d != 1 else 0) for s, d in zip(x.strides, x.shape)]
+
+        blocks = min(-(-total // 256), 65535)
+        self._fn("mm", "mm_small")((blocks,), (256,), (
+            aa, bb, out, np.int32(aa.shape[1]), np.int32(m), np.int32(n), np.int32(k), *st(aa), *st(bb),
+            np.int64(total)))
+        return out
 
     def dq_unpack(self, w: GemvWeight, n0: int, n1: int) -> Any:
         cp = self.cp

@@ -176,8 +176,24 @@ def _pow(n: KNode, d: Device):
 
 @device_op("Mod", since=10)
 def _mod(n: KNode, d: Device):
-    fn = d.xp.fmod if int(n.attr("fmod", 0)) else d.xp.mod
-    return lambda a, b: fn(a, b).astype(a.dtype, copy=False)
+    xp = d.xp
+    if int(n.attr("fmod", 0)):
+        return lambda a, b: xp.fmod(a, b).astype(a.dtype, copy=False)
+
+    def run(a, b):
+        if a.dtype.kind != "f":
+            return xp.mod(a, b).astype(a.dtype, copy=False)
+        return floor_mod(xp, a, b).astype(a.dtype, copy=False)
+    return run
+
+
+def floor_mod(xp, a, b):
+    """Python's (and numpy's) float ``a mod b``, the sign of ``b``, built on C ``fmod`` as numpy's
+    ``npy_divmod`` is: CuPy's ``mod`` takes ``a - floor(a / b) * b``, which differs at the edges
+    (``-5 mod inf`` is ``inf``, not ``nan``; ``-0.0``'s sign follows ``b``)."""
+    m = xp.fmod(a, b)
+    m = xp.where((m != 0) & ((m < 0) != (b < 0)), m + b, m)
+    return xp.where(m == 0, xp.copysign(xp.zeros_like(m), b), m)
 
 
 def _variadic(name: str) -> Factory:
@@ -297,7 +313,24 @@ def _softmax(n: KNode, d: Device):
 # ------------------------------------------------------------------ linear algebra
 @device_op("MatMul", since=13)
 def _matmul(n: KNode, d: Device):
-    return d.xp.matmul
+    """cuBLAS, except where a kernel of ours fits: a float32 GEMV (<= 8 rows) on a k-contiguous weight
+    (the runtime stores constant MatMul weights so) and small batched products. Those are what a
+    decode step runs, and CuPy refuses cuBLAS inside a CUDA-graph capture."""
+    xp = d.xp
+
+    def run(a, b):
+        k = d.kernels
+        if k is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2:
+            return xp.matmul(a, b)
+        rows = math.prod(a.shape[:-1])
+        if b.ndim == 2 and b.strides[0] == 4 and 0 < rows <= ck.GEMV_MAX_ROWS and b.shape[0] > 0:
+            x2 = xp.ascontiguousarray(a.reshape(rows, a.shape[-1]))
+            return k.gemv_f32(x2, b, b.strides[1] // 4, b.shape[1]).reshape(a.shape[:-1] + (b.shape[1],))
+        batch = math.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        if batch * a.shape[-2] * a.shape[-1] * b.shape[-1] <= ck.MM_SMALL_MACS:
+            return k.mm_small(a, b)
+        return xp.matmul(a, b)
+    return run
 
 
 @device_op("Gemm", since=13)

@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 FOLD_BYTES = 1 << 20
 #: Shape signatures whose static values are kept (decode steps at growing past lengths each have one).
 SIGNATURE_CACHE = 8
+#: A step with more steps than this that break a capture runs op by op.
+MAX_EAGER_STEPS = 16
 #: Extra KV-cache capacity (tokens) allocated when an in-place append buffer must grow.
 KV_GROW = 256
 
@@ -94,8 +96,9 @@ class _Signature:
     values: dict[int, Any] = field(default_factory=dict)  # static slot -> its device copy
     params: dict[int, Any] = field(default_factory=dict)  # static slot -> host value read as a parameter
     seen: int = 1
-    graph: Any = None  # a captured CUDA graph and its buffers
+    graph: Any = None  # the captured plan (CUDA graphs and eager steps) and its buffers
     uncapturable: str | None = None
+    eager: set[int] = field(default_factory=set)  # device steps that broke a capture: run between graphs
 
 
 def _transfer(device: Device):
@@ -231,7 +234,8 @@ class CudaExecutable(SlotExecutable):
         self._kv_buffers: dict[tuple, tuple[Any, int]] = {}  # (step, key|value) -> (buffer, committed length)
         self._stream = None if device.emulated else device.xp.cuda.Stream(non_blocking=True)
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
-                      "downloads": 0, "graph_replays": 0, "graph_captures": 0}
+                      "downloads": 0, "graph_replays": 0, "graph_captures": 0, "graph_eager_steps": 0}
+        self.capture_problems: list[str] = []  # why a step was not (or only partly) captured
         self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
         for i, step in enumerate(steps):  # KV-cache steps append through the in-place buffers
             if step.kv == "attention":
@@ -315,34 +319,39 @@ class CudaExecutable(SlotExecutable):
         for step in self.steps:
             if step.host and not run_host:
                 continue
-            args = []
-            for pos, s in enumerate(step.inputs):
-                if s < 0:
-                    args.append(None)
-                    continue
-                action = step.actions[pos]
-                if action == READ:
-                    v = env[s]
-                elif action == DOWNLOAD:  # a parameter computed on the device: a sync
-                    v = self._download(env[s])
-                    self.stats["downloads"] += 1
-                    if sig.uncapturable is None:
-                        sig.uncapturable = f"{step.name} ({step.op}) reads a device value on the host"
-                elif action == STATIC_PARAM:
-                    if run_host:
-                        v = sig.params[s] = env[s]
-                    else:
-                        v = sig.params[s]
-                else:  # STATIC_DATA: host value used on the device, uploaded once per signature
-                    v = sig.values.get(s)
-                    if v is None:
-                        v = sig.values[s] = self._upload(np.asarray(env[s]))
-                args.append(v)
-            self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
-            store(env, step.outputs, invoke("cuda", step.name, step.op, step.fn, args))
+            self._run_step(step, env, sig, run_host)
             if not capturing:
                 for slot in step.free:
                     env[slot] = None
+
+    def _run_step(self, step: Step, env: list[Any], sig: _Signature, run_host: bool) -> Any:
+        args = []
+        for pos, s in enumerate(step.inputs):
+            if s < 0:
+                args.append(None)
+                continue
+            action = step.actions[pos]
+            if action == READ:
+                v = env[s]
+            elif action == DOWNLOAD:  # a parameter computed on the device: a sync
+                v = self._download(env[s])
+                self.stats["downloads"] += 1
+                if sig.uncapturable is None:
+                    sig.uncapturable = f"{step.name} ({step.op}) reads a device value on the host"
+            elif action == STATIC_PARAM:
+                if run_host:
+                    v = sig.params[s] = env[s]
+                else:
+                    v = sig.params[s]
+            else:  # STATIC_DATA: host value used on the device, uploaded once per signature
+                v = sig.values.get(s)
+                if v is None:
+                    v = sig.values[s] = self._upload(np.asarray(env[s]))
+            args.append(v)
+        self.stats["host_steps_run" if step.host else "device_steps_run"] += 1
+        result = invoke("cuda", step.name, step.op, step.fn, args)
+        store(env, step.outputs, result)
+        return result
 
     # ---------------------------------------------------------------- KV cache in place
     def _kv_concat(self, index: int, which: str | None = None):
@@ -381,7 +390,7 @@ class CudaExecutable(SlotExecutable):
     # ---------------------------------------------------------------- CUDA graphs
     def _replay(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
         xp = self.device.xp
-        if sig.graph is None:  # second sighting: capture
+        if sig.graph is None:  # second sighting: capture (this call's results come from the capture's run)
             # A private pool: memory the captured kernels use (intermediates, scratch) is never
             # handed to anything else while the graph lives, since every replay writes it.
             pool = xp.cuda.MemoryPool()
@@ -396,43 +405,104 @@ class CudaExecutable(SlotExecutable):
                     self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
                     if sig.uncapturable is not None:
                         return self._static_outputs(env, sig)
-                    env = list(self._base)  # drop the warm-up's arrays: their blocks serve the capture
-                    for name, slot in self.input_slots.items():
-                        env[slot] = inputs[name]
-                    stream = self._stream
-                    try:
-                        stream.begin_capture()
-                        try:
-                            self._walk(env, sig, run_host=False, capturing=True)
-                        finally:
-                            graph = stream.end_capture()
-                    except Exception as e:  # capture refused (an op synchronised): op by op from now on
-                        sig.uncapturable = f"capture failed: {type(e).__name__}: {e}"
-                        logger.info("cuda: %s", sig.uncapturable)
-                        return self._execute_plain(sig, feeds)
+                    plan, env = self._capture(sig, inputs)
                 finally:
                     self._plain_kv = False
-            sig.graph = (graph, inputs, env, pool)
+            if plan is None:
+                logger.info("cuda: %s", sig.uncapturable)
+                self.capture_problems.append(sig.uncapturable)
+                return self._static_outputs(env, sig)
+            sig.graph = (plan, inputs, env, pool)
             self.stats["graph_captures"] += 1
-        graph, inputs, env, _ = sig.graph
-        for name, buf in inputs.items():
-            value = feeds[name]
-            if self._on_device(value):
-                buf[...] = value
-            else:
-                buf.set(_contiguous(value), stream=self._stream)
-        graph.launch(stream=self._stream)
-        self.stats["graph_replays"] += 1
+            self.stats["graph_eager_steps"] += len(sig.eager)
+        else:
+            plan, inputs, env, _ = sig.graph
+            for name, buf in inputs.items():
+                value = feeds[name]
+                if self._on_device(value):
+                    buf[...] = value
+                else:
+                    buf.set(_contiguous(value), stream=self._stream)
+            self._launch(plan, env, sig)
+            self.stats["graph_replays"] += 1
         outs = set(self.output_slots.values())
         return self._static_outputs([v.copy() if (i in outs and v is not None) else v for i, v in enumerate(env)],
                                     sig)
 
-    def _execute_plain(self, sig: _Signature, feeds: dict[str, Any]) -> list[Any]:
-        env = list(self._base)
-        for name, slot in self.input_slots.items():
-            env[slot] = self._upload(np.asarray(feeds[name])) if not self._on_device(feeds[name]) else feeds[name]
-        self._walk(env, sig, run_host=False)
-        return self._static_outputs(env, sig)
+    def _capture(self, sig: _Signature, inputs: dict[str, Any]) -> tuple[list | None, list[Any]]:
+        """Captures the device steps in CUDA graphs, launching each as soon as it is captured, so
+        the call that captures also computes its results. A step that breaks the capture (an op
+        that synchronises, e.g. a pageable host copy inside a library call) is found by trying:
+        it is marked *eager*, the capture starts over, and from then on the step runs op by op
+        between two graphs, its results copied into the buffers the next graph reads. Returns
+        ``(plan, env)``; ``plan`` is ``None`` when the step cannot be captured at all."""
+        stream, rt = self._stream, self.device.xp.cuda.runtime
+        while True:
+            env = list(self._base)  # the previous attempt's arrays are dropped: their blocks serve this one
+            for name, slot in self.input_slots.items():
+                env[slot] = inputs[name]
+            plan: list[tuple] = []
+            capturing = False
+            broke = None
+            for i, step in enumerate(self.steps):
+                if step.host:
+                    continue
+                if i in sig.eager:
+                    if capturing:
+                        plan.append(("graph", self._end_capture(stream)))
+                        capturing = False
+                    self._run_step(step, env, sig, run_host=False)
+                    plan.append(("eager", i, tuple(env[o] if o >= 0 else None for o in step.outputs)))
+                    continue
+                if not capturing:
+                    stream.begin_capture()
+                    capturing = True
+                try:
+                    self._run_step(step, env, sig, run_host=False)
+                    if not rt.streamIsCapturing(stream.ptr):  # raises when the capture was invalidated
+                        raise BackendError("the stream is no longer capturing")
+                except Exception as e:  # noqa: BLE001 - any failure under capture: try the step eagerly
+                    broke = (i, e)
+                    break
+            if broke is None:
+                if capturing:
+                    plan.append(("graph", self._end_capture(stream)))
+                return plan, env
+            try:
+                stream.end_capture()
+            except Exception:  # noqa: BLE001 - an invalidated capture refuses to end cleanly
+                pass
+            i, e = broke
+            reason = f"{self.steps[i].name} ({self.steps[i].op}) broke the capture: {type(e).__name__}: {e}"
+            if i in sig.eager or len(sig.eager) >= MAX_EAGER_STEPS:
+                sig.uncapturable = reason
+                self._walk(env, sig, run_host=False)  # this call's results, op by op
+                return None, env
+            sig.eager.add(i)
+            self.capture_problems.append(reason + " (runs op by op between graphs)")
+            logger.info("cuda: %s", reason)
+
+    def _end_capture(self, stream: Any) -> Any:
+        graph = stream.end_capture()
+        graph.launch(stream=stream)  # the segment runs now too: what follows reads its results
+        return graph
+
+    def _launch(self, plan: list[tuple], env: list[Any], sig: _Signature) -> None:
+        self._plain_kv = True
+        try:
+            for item in plan:
+                if item[0] == "graph":
+                    item[1].launch(stream=self._stream)
+                    continue
+                _, i, targets = item
+                step = self.steps[i]
+                scratch = list(env)
+                self._run_step(step, scratch, sig, run_host=False)
+                for slot, target in zip(step.outputs, targets):
+                    if target is not None and scratch[slot] is not target:
+                        target[...] = scratch[slot]
+        finally:
+            self._plain_kv = False
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -563,15 +633,22 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
     weight_bytes = 0
     steps: list[Step] = []
 
-    def constant_slot(t: gs.Constant, for_device: bool) -> str:
-        """Constants read on the host keep their name; a device copy gets its own slot."""
+    def constant_slot(t: gs.Constant, for_device: bool, k_major: bool = False) -> str:
+        """Constants read on the host keep their name; a device copy gets its own slot. ``k_major``:
+        a float32 matrix a MatMul multiplies by, stored transposed (each column's K values
+        contiguous: what the GEMV kernel reads) and handed out as the transposed view of that."""
         nonlocal weight_bytes
-        name = f"{t.name}@device" if for_device else t.name
+        values = _const_values(t)
+        k_major = k_major and for_device and values.ndim == 2 and values.dtype == np.float32
+        name = (f"{t.name}@device" + ("T" if k_major else "")) if for_device else t.name
         if slot(name) not in constants:
-            values = _contiguous(_const_values(t))
+            values = _contiguous(values)
             if for_device and values.dtype.name in ("int4", "uint4"):  # CuPy has no 4-bit dtype
                 values = cuda_ops._as_codes(values)
-            constants[slot(name)] = upload(values) if for_device else values
+            if k_major:
+                constants[slot(name)] = upload(np.ascontiguousarray(values.T)).T
+            else:
+                constants[slot(name)] = upload(values) if for_device else values
             if for_device:
                 weight_bytes += values.nbytes
             on_device[name] = for_device
@@ -604,7 +681,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
             def device_input(pos: int, t: gs.Tensor) -> None:
                 param = pos in params
                 if isinstance(t, gs.Constant):
-                    names.append(constant_slot(t, not param))
+                    names.append(constant_slot(t, not param, k_major=node.op == "MatMul" and not domain and pos == 1))
                     actions.append(READ)
                     return
                 names.append(t.name)

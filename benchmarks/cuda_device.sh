@@ -8,9 +8,12 @@
 #   setup        carry .whl; installs onnx-graphsurgeon (+ onnxruntime-gpu when assembled) and graphopt
 #   tests        the GPU tests: kernels vs twins, ONNX node tests, fixtures, greedy tokens, CUDA graphs
 #   export       exports the Qwen2-0.5B-shaped decoder with torch (in the image) and optimizes it for
-#                cuda in fp32, int4 block 32, and int4 with fused attention (/tmp/work, kept while warm)
+#                cuda in fp32, int4 block 32 (both with fused attention, the default), and int4 with
+#                attention split back (GRAPHOPT_CUDA_FUSED_ATTENTION=0) (/tmp/work, kept while warm)
+#   smoke M      the cuda engine alone on one of them (no onnxruntime-gpu): decode, decode with CUDA graphs,
+#                prefill
 #   bench M      `graphopt bench --target cuda` (with and without --cuda-graphs) on one of them:
-#                q05-cuda | q05-cuda-int4 | q05-cuda-fa-int4
+#                q05-cuda | q05-cuda-int4 | q05-cuda-split-int4
 #
 # Preparing .whl here (once; git-ignored through .git/info/exclude):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,9 +33,10 @@ case "${1:-}" in
     ls -la /tmp/ort-gpu.whl.part
     ;;
   setup)
+    # onnxruntime-gpu only once all six parts have arrived (255 MB)
     mkdir -p "$SITE"
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/onnx_graphsurgeon-*.whl
-    if [ -f /tmp/ort-gpu.whl.part ]; then
+    if [ "$(stat -c %s /tmp/ort-gpu.whl.part 2>/dev/null || echo 0)" -gt 250000000 ]; then
       cp /tmp/ort-gpu.whl.part /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
       $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
         /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -42,12 +46,26 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     ;;
   tests)
-    PYTHONPATH=$SITE $PY -m pytest -q -p no:cacheprovider tests/backends/test_cuda_gpu.py \
-      tests/backends/test_cuda_backend.py -x 2>&1 | tee "$OUT/tests.log" | tail -30
+    # all of them (no -x: one call should show every failure), 8 workers, a per-test time limit
+    PYTHONPATH=$SITE timeout 360 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 --tb=short -rf \
+      tests/backends/test_cuda_gpu.py tests/backends/test_cuda_backend.py 2>&1 | tee "$OUT/tests.log" | tail -40
+    ;;
+  smoke)
+    # the cuda engine alone (no onnxruntime-gpu needed): decode with and without CUDA graphs, prefill
+    W=/tmp/work
+    m=${2:-q05-cuda-int4}
+    export PYTHONPATH=$SITE
+    export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ "$m" = q05-cuda-split-int4 ] && echo 0 || echo 1)
+    for spec in decode:false decode:true prefill:false; do
+      payload="{\"model\": \"$W/$m.onnx\", \"engine\": \"cuda\", \"phase\": \"${spec%%:*}\", \"prefill\": 512,
+        \"past\": 128, \"runs\": 20, \"warmup\": 3, \"batch\": 1, \"threads\": null,
+        \"ort_accuracy_level\": null, \"graphs\": ${spec##*:}}"
+      timeout 150 $PY -m graphopt._bench "$payload" 2>&1 | tail -3 | tee -a "$OUT/smoke-$m.txt" || true
+    done
     ;;
   export)
-    # the Qwen2-0.5B-shaped decoder (torch in the image), optimized for cuda: fp32, int4 b32, int4 b32 with
-    # the device Attention/RotaryEmbedding declared (GPU_UNVERIFIED in backends/cuda.py)
+    # the Qwen2-0.5B-shaped decoder (torch in the image), optimized for cuda: fp32, int4 b32 (fused
+    # attention), int4 b32 with attention split back into primitives
     W=/tmp/work
     mkdir -p $W
     [ -f $W/qwen2-0.5b-decode.onnx ] || \
@@ -56,16 +74,16 @@ case "${1:-}" in
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda.onnx --target cuda --report "$OUT/opt-fp32.json"
     graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-int4.onnx --target cuda \
       --quant-bits 4 --quant-block 32 --report "$OUT/opt-int4.json"
-    GRAPHOPT_CUDA_FUSED_ATTENTION=1 graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-fa-int4.onnx \
+    GRAPHOPT_CUDA_FUSED_ATTENTION=0 graphopt optimize $W/qwen2-0.5b-decode.onnx -o $W/q05-cuda-split-int4.onnx \
       --target cuda --quant-bits 4 --quant-block 32
     ls -la $W
     ;;
   bench)
-    # one model per call (each bench is 4 processes): q05-cuda | q05-cuda-int4 | q05-cuda-fa-int4
+    # one model per call (each bench is 4 processes): q05-cuda | q05-cuda-int4 | q05-cuda-split-int4
     W=/tmp/work
     m=${2:-q05-cuda-int4}
     export PYTHONPATH=$SITE
-    export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ "$m" = q05-cuda-fa-int4 ] && echo 1 || echo 0)
+    export GRAPHOPT_CUDA_FUSED_ATTENTION=$([ "$m" = q05-cuda-split-int4 ] && echo 0 || echo 1)
     graphopt bench $W/$m.onnx --target cuda --prefill 512 --past 128 --runs 20 --warmup 3 \
       --json "$OUT/bench-$m.json" | tee "$OUT/bench-$m.txt"
     graphopt bench $W/$m.onnx --target cuda --cuda-graphs --prefill 512 --past 128 --runs 20 --warmup 3 \

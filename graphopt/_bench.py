@@ -264,6 +264,8 @@ def worker(cfg: dict) -> dict:
         extra["device_bandwidth_bytes_per_s"] = measure_device_bandwidth()
     if hasattr(exe, "stats"):
         extra["stats"] = dict(exe.stats)
+    if getattr(exe, "capture_problems", None):
+        extra["capture_problems"] = list(exe.capture_problems)
     med = statistics.median(times)
     return {"engine": engine, "phase": cfg["phase"], "compile_s": compile_s, "median_s": med, "min_s": min(times),
             "max_s": max(times), "tokens_per_s": tokens / med, "peak_rss": _peak_rss(), "kv_cache": kv, **extra}

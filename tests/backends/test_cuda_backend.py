@@ -20,7 +20,7 @@ from graphopt.backends import cuda_ops
 from graphopt.backends.cuda import CudaBackend
 from graphopt.backends.cuda_runtime import DYNAMIC, STATIC, STATIC_DATA, STATIC_PARAM
 
-EMU = CudaBackend(emulate=True)  # the default table: Attention/RotaryEmbedding split back
+EMU = CudaBackend(emulate=True, fused_attention=False)  # Attention/RotaryEmbedding split back
 FUSED = CudaBackend(emulate=True, fused_attention=True)  # with the device Attention and RotaryEmbedding
 ALL_MODELS = FIXTURE_MODELS + ARCH_MODELS + CONTROL_MODELS
 
@@ -203,8 +203,9 @@ def test_node_case(name):
 def test_table_is_built_from_the_device_implementations():
     implemented = {k for k in cuda_ops.DEVICE_OPS if not k[0]}
     assert {(s.domain, s.op_type) for s in FUSED.ops()} == implemented
-    # Attention and RotaryEmbedding wait for a GPU run before the default table declares them
+    # fused_attention=False leaves exactly Attention and RotaryEmbedding out; the default declares them
     assert {(s.domain, s.op_type) for s in EMU.ops()} == implemented - {("", "Attention"), ("", "RotaryEmbedding")}
+    assert {(s.domain, s.op_type) for s in CudaBackend(emulate=True).ops()} == implemented
     for op in ("Attention", "RotaryEmbedding", "RMSNormalization"):
         assert FUSED.supports_op(op, "", 23), op
     assert FUSED.supports_op("Attention", "", 24) and not EMU.supports_op("Attention", "", 23)
@@ -377,3 +378,17 @@ def test_tied_int4_matrix_stays_4_bit_on_the_device():
     ref = graphopt.compile(model, "cpu").run(feeds)
     got = exe.run(feeds)
     np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_float_mod_follows_numpy_at_the_edges():
+    """``Mod`` with ``fmod=0`` on floats: built on ``fmod`` as numpy is, so infinities, zeros
+    and signs come out as ``np.mod`` has them (CuPy's own ``mod`` differs there; the GPU run
+    of ONNX's ``test_mod_float_edge_cases`` caught it)."""
+    v = np.array([5, -5, 0, -0.0, np.inf, -np.inf, np.nan, 3.5, -3.5, 1e-30, 7], np.float32)
+    a, b = np.meshgrid(v, v)
+    with np.errstate(all="ignore"):
+        want, got = np.mod(a, b), cuda_ops.floor_mod(np, a, b)
+    np.testing.assert_array_equal(got, want)
+    real = ~np.isnan(want)
+    assert np.array_equal(np.signbit(got[real]), np.signbit(want[real]))
+    assert got[4, 1] == np.inf and got[4, 0] == 5  # -5 mod inf, 5 mod inf (a varies along rows of b)
