@@ -12,6 +12,7 @@
 #                attention split back (GRAPHOPT_CUDA_FUSED_ATTENTION=0) (/tmp/work, kept while warm)
 #   smoke M      the cuda engine alone on one of them (no onnxruntime-gpu): decode, decode with CUDA graphs,
 #                prefill
+#   ort-int4     onnxruntime-gpu's own int4 (MatMulNBits, block 32) of the same model, decode and prefill
 #   bench M      `graphopt bench --target cuda` (with and without --cuda-graphs) on one of them:
 #                q05-cuda | q05-cuda-int4 | q05-cuda-split-int4
 #
@@ -88,6 +89,27 @@ case "${1:-}" in
       --json "$OUT/bench-$m.json" | tee "$OUT/bench-$m.txt"
     graphopt bench $W/$m.onnx --target cuda --cuda-graphs --prefill 512 --past 128 --runs 20 --warmup 3 \
       --json "$OUT/bench-$m-graphs.json" | tee "$OUT/bench-$m-graphs.txt"
+    ;;
+  ort-int4)
+    # onnxruntime-gpu cannot run an int4 block-wise DequantizeLinear on its CUDA execution provider
+    # ("Unsupported quantization type"), so its int4 peer is its own format: the same fp32 model through
+    # onnxruntime's MatMulNBitsQuantizer (4 bits, block 32, symmetric), run by the bench worker
+    W=/tmp/work
+    export PYTHONPATH=$SITE
+    [ -f $W/q05-ort-int4.onnx ] || $PY -c "
+import onnx, sys
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+q = MatMulNBitsQuantizer(onnx.load('$W/qwen2-0.5b-decode.onnx'), bits=4, block_size=32, is_symmetric=True,
+                         accuracy_level=0)
+q.process()
+q.model.save_model_to_file('$W/q05-ort-int4.onnx', True)
+print('MatMulNBits nodes:', sum(n.op_type == 'MatMulNBits' for n in q.model.model.graph.node))"
+    for phase in decode prefill; do
+      payload="{\"model\": \"$W/q05-ort-int4.onnx\", \"engine\": \"onnxruntime-cuda\", \"phase\": \"$phase\",
+        \"prefill\": 512, \"past\": 128, \"runs\": 20, \"warmup\": 3, \"batch\": 1, \"threads\": null,
+        \"ort_accuracy_level\": null, \"graphs\": false}"
+      timeout 200 $PY -m graphopt._bench "$payload" 2>&1 | tail -2 | tee -a "$OUT/ort-int4.txt"
+    done
     ;;
   *)
     sed -n '2,20p' "$0"

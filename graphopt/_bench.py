@@ -132,7 +132,7 @@ class OrtCudaStepper:
     returns the outputs named in ``keep`` as device ``OrtValue`` objects, which later steps bind
     as inputs without a copy (how a serving loop keeps its KV cache on the GPU)."""
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, path: str | None = None):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -144,8 +144,13 @@ class OrtCudaStepper:
         if threads:
             opts.intra_op_num_threads = threads
         self.ort = ort
-        self.session = ort.InferenceSession(model.to_onnx().SerializeToString(), opts,
-                                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        # from the file when there is one: external data resolves beside it (and a >2 GB model has no bytes form)
+        source = str(path) if path else model.to_onnx().SerializeToString()
+        self.session = ort.InferenceSession(source, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if "CUDAExecutionProvider" not in self.session.get_providers():
+            from graphopt._errors import GraphoptError
+
+            raise GraphoptError("onnxruntime could not start its CUDA execution provider here")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -179,7 +184,7 @@ def _engine(cfg: dict, model):
                                                           optimization="all",
                                                           accuracy_level=cfg.get("ort_accuracy_level")))
     if engine == "onnxruntime-cuda":
-        return OrtCudaStepper(model, cfg.get("threads"))
+        return OrtCudaStepper(model, cfg.get("threads"), path=cfg["model"])
     if engine == "cuda":
         from graphopt.backends.cuda import CudaBackend
 

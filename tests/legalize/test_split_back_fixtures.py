@@ -4,6 +4,7 @@ the unfused export and computes the same outputs (onnxruntime and the cpu backen
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,10 +13,15 @@ import onnx
 import pytest
 
 import graphopt
+from graphopt.backends.cuda import CudaBackend
 from conftest import FIXTURES, run_ort, split_reference
 from legalize_helpers import PRIMITIVE
 
 FUSED_OPS = {"RMSNormalization", "RotaryEmbedding", "Attention"}
+#: The cuda table without its Attention/RotaryEmbedding (``GRAPHOPT_CUDA_FUSED_ATTENTION=0``): a real
+#: target that lacks some fused ops, so the split-back design is exercised on it.
+CUDA_SPLIT = CudaBackend(fused_attention=False)
+NO_FUSED_ATTENTION = {**os.environ, "GRAPHOPT_CUDA_FUSED_ATTENTION": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def fused_models():
     return get
 
 
-@pytest.mark.parametrize("target", ["cuda", PRIMITIVE], ids=["cuda", "primitive"])
+@pytest.mark.parametrize("target", [CUDA_SPLIT, PRIMITIVE], ids=["cuda-split-attention", "primitive"])
 def test_fuse_then_split_back(fixture_model, target, fused_models):
     original, fused = fused_models(fixture_model)
     assert FUSED_OPS <= set(fused.op_histogram())
@@ -38,7 +44,7 @@ def test_fuse_then_split_back(fixture_model, target, fused_models):
 
     assert graphopt.unsupported_nodes(split, target) == []
     assert split.node_count() <= original.node_count()
-    kept = {"RMSNormalization"} if target == "cuda" else set()
+    kept = {"RMSNormalization"} if target is CUDA_SPLIT else set()
     assert set(split.op_histogram()) & FUSED_OPS == kept
     feeds, _ = split_reference(fixture_model)
     want_ort = run_ort(original, feeds)
@@ -50,8 +56,9 @@ def test_fuse_then_split_back(fixture_model, target, fused_models):
         np.testing.assert_allclose(got_cpu[name], want_cpu[name], atol=1e-5, rtol=0, err_msg=name)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "graphopt._cli", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "graphopt._cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 @pytest.mark.parametrize("name", ["llama-dynamo-decode", "qwen2-torchscript-prefill"])
@@ -62,6 +69,7 @@ def test_optimize_for_cuda_writes_only_what_cuda_declares(name, tmp_path):
     model = graphopt.load(out)
     assert graphopt.unsupported_nodes(model, "cuda") == []
     assert model.op_histogram()["RMSNormalization"] == 5  # cuda declares it: it stays fused
+    assert model.op_histogram()["Attention"] == 2  # and Attention (one per layer)
     feeds, expected = split_reference(src)
     got = run_ort(out, feeds)
     for key, want in expected.items():
@@ -70,11 +78,12 @@ def test_optimize_for_cuda_writes_only_what_cuda_declares(name, tmp_path):
 
 
 def test_optimize_reports_what_it_split_back(tmp_path):
-    """A model fused for cpu (Attention, RotaryEmbedding), re-targeted at cuda."""
+    """A model fused for cpu (Attention, RotaryEmbedding), re-targeted at cuda without fused attention."""
     fused, out, report = tmp_path / "fused.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
     src = FIXTURES / "qwen2-dynamo-decode.onnx"
     assert _cli("optimize", str(src), "-o", str(fused), "--target", "cpu").returncode == 0
-    res = _cli("optimize", str(fused), "-o", str(out), "--target", "cuda", "--report", str(report), "--verify")
+    res = _cli("optimize", str(fused), "-o", str(out), "--target", "cuda", "--report", str(report), "--verify",
+               env=NO_FUSED_ATTENTION)
     assert res.returncode == 0, res.stderr
     lines = [line.strip() for line in res.stdout.splitlines() if line.strip().startswith("split back")]
     assert lines == ["split back 4 × RotaryEmbedding: cuda does not support RotaryEmbedding",
