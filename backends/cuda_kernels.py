@@ -132,6 +132,8 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
     // 16-byte loads (4 words per lane, coalesced across the warp) when the column's words allow it;
     // its base is then 16-byte aligned too (words % 4 == 0). Otherwise one word per lane.
     const int vec = (words & 3) == 0 ? 4 : 1;
+    // a word's codes all in one quantization block, and x rows 16-byte aligned: the fast path below
+    const bool whole = block % PER == 0 && (k & 3) == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
     for (int w0 = lane * vec; w0 < words; w0 += 32 * vec) {
         unsigned int buf[4] = {0u, 0u, 0u, 0u};
         if (vec == 4) {
@@ -145,6 +147,35 @@ __device__ void dq_gemv_impl(const float* __restrict__ x, const unsigned int* __
             if (u >= vec) break;
             const unsigned int word = buf[u];
             const int k0 = (w0 + u) * PER;
+            if (whole && k0 + PER <= k) {  // the word's PER codes share one block: one scale, x in 16-byte loads
+                const int b = k0 / block;
+                const float s = sc[b], z = ZERO ? zp[b] : 0.0f;
+                float part[ROWS][PER / 4];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                    for (int h = 0; h < PER / 4; ++h) part[r][h] = 0.0f;
+#pragma unroll
+                for (int h = 0; h < PER / 4; ++h) {
+                    const float c0 = code_at<BITS, SIGNED>(word, 4 * h) - z, c1 = code_at<BITS, SIGNED>(word, 4 * h + 1) - z;
+                    const float c2 = code_at<BITS, SIGNED>(word, 4 * h + 2) - z, c3 = code_at<BITS, SIGNED>(word, 4 * h + 3) - z;
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        if (r < m) {
+                            const float4 x4 = *reinterpret_cast<const float4*>(x + (long long)r * k + k0 + 4 * h);
+                            part[r][h] = x4.x * c0 + x4.y * c1 + x4.z * c2 + x4.w * c3;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    float t = 0.0f;
+#pragma unroll
+                    for (int h = 0; h < PER / 4; ++h) t += part[r][h];
+                    acc[r] += t * s;
+                }
+                continue;
+            }
 #pragma unroll
             for (int j = 0; j < PER; ++j) {
                 const int kk = k0 + j;
@@ -393,6 +424,40 @@ MM_SMALL_MACS = 1 << 22
 GEMV_F32_WARPS = 8
 
 
+# multi_copy: many strided copies in one launch (a decode step's KV inputs, outputs and slot moves,
+# otherwise one launch each). table: `count` rows of int64 (src, dst, chunk bytes, chunks, src stride,
+# dst stride); blockIdx.y picks the row; 16-byte units when everything is 16-byte aligned, else 4, else 1.
+_COPY = r"""
+extern "C" __global__ void multi_copy(const long long* __restrict__ table) {
+    const long long* t = table + 6 * blockIdx.y;
+    const char* src = reinterpret_cast<const char*>(t[0]);
+    char* dst = reinterpret_cast<char*>(t[1]);
+    const long long chunk = t[2], chunks = t[3], ss = t[4], ds = t[5];
+    const long long all = t[0] | t[1] | chunk | ss | ds;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if ((all & 15) == 0) {
+        const long long units = chunk >> 4;
+        for (long long i = first; i < units * chunks; i += step) {
+            const long long c = i / units, u = i - c * units;
+            *reinterpret_cast<int4*>(dst + c * ds + 16 * u) = *reinterpret_cast<const int4*>(src + c * ss + 16 * u);
+        }
+    } else if ((all & 3) == 0) {
+        const long long units = chunk >> 2;
+        for (long long i = first; i < units * chunks; i += step) {
+            const long long c = i / units, u = i - c * units;
+            *reinterpret_cast<int*>(dst + c * ds + 4 * u) = *reinterpret_cast<const int*>(src + c * ss + 4 * u);
+        }
+    } else {
+        for (long long i = first; i < chunk * chunks; i += step) {
+            const long long c = i / chunk, u = i - c * chunk;
+            dst[c * ds + u] = src[c * ss + u];
+        }
+    }
+}
+"""
+
+
 #: Keys the decode-attention kernel keeps in shared memory (longer contexts take the cuBLAS path).
 ATTN_MAX_KEYS = 8192
 #: Query rows per head up to which the kernel is used (decode, speculative steps); prefill uses cuBLAS.
@@ -406,12 +471,54 @@ SOURCES: dict[str, str] = {
     "attn_decode": _COMMON + _ATTN,
     "rotary": _ROTARY,
     "mm": _COMMON + _MM,
+    "multi_copy": _COPY,
 }
 
 
 def dq_kernel_names() -> list[str]:
     return [f"dq_{kind}_{bits}{s}{z}" for kind in ("gemv", "unpack") for bits in (4, 8) for s in "su"
             for z in ("z", "")]
+
+
+# ------------------------------------------------------------------ batched copies
+def _pointer(a: Any) -> int:
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+
+
+def copy_row(dst: Any, src: Any) -> tuple[int, ...] | None:
+    """``dst[...] = src`` (same shape and dtype) as one ``multi_copy`` row: (src, dst, chunk bytes,
+    chunks, src stride, dst stride), where both are a run of equally spaced contiguous chunks (a
+    contiguous array, or a slice of one along an axis, as KV caches are); None when they are not."""
+    if dst.shape != src.shape or dst.dtype != src.dtype or dst.size == 0:
+        return None
+    size = dst.itemsize
+
+    def trailing(a: Any) -> int:  # first axis of the longest contiguous tail
+        expect, ax = size, a.ndim
+        while ax > 0 and (a.shape[ax - 1] == 1 or a.strides[ax - 1] == expect):
+            expect *= a.shape[ax - 1]
+            ax -= 1
+        return ax
+
+    ax = max(trailing(dst), trailing(src))
+    chunk = size * int(np.prod(dst.shape[ax:], dtype=np.int64))
+    lead = [(dst.shape[i], src.strides[i], dst.strides[i]) for i in range(ax) if dst.shape[i] != 1]
+    while len(lead) > 1:  # collapse (outer, inner) when the outer stride steps over whole inner runs
+        (n0, s0, d0), (n1, s1, d1) = lead[-2], lead[-1]
+        if s0 != s1 * n1 or d0 != d1 * n1:
+            return None
+        lead[-2:] = [(n0 * n1, s1, d1)]
+    n, ss, ds = lead[0] if lead else (1, 0, 0)
+    return (_pointer(src), _pointer(dst), chunk, n, ss, ds)
+
+
+def multi_copy_twin(table: np.ndarray) -> None:
+    """What ``multi_copy`` does, on host memory (numpy arrays' pointers): the emulated runtime's copy."""
+    import ctypes
+
+    for src, dst, chunk, n, ss, ds in table.tolist():
+        for c in range(n):
+            ctypes.memmove(dst + c * ds, src + c * ss, chunk)
 
 
 # ------------------------------------------------------------------ quantized weight layout
@@ -554,6 +661,7 @@ class Kernels:
             self._fn("dq", name)
         for name in MM_KERNELS:
             self._fn("mm", name)
+        self._fn("multi_copy", "multi_copy")
 
     def _rows(self, name: str, x: Any, *extra: Any) -> Any:
         """Launches a row kernel (one block per row of the last axis) on float32 ``x``."""
@@ -640,6 +748,15 @@ class Kernels:
                 x2, wt, bias if bias is not None else null, resid if resid is not None else null, y,
                 np.int32(m), np.int32(x2.shape[1]), np.int32(n), np.int64(ldw)))
         return y
+
+    def multi_copy(self, table: np.ndarray, stream: Any = None) -> None:
+        """Runs the copies of ``table`` (:func:`copy_rows`) in one launch."""
+        if not len(table):
+            return
+        cp = self.cp
+        dev = cp.asarray(table)  # a few hundred bytes up
+        units = int(max(table[:, 2] * table[:, 3]) // 4) or 1
+        self._fn("multi_copy", "multi_copy")((min(-(-units // 256), 512), len(table)), (256,), (dev,))
 
     def mm_small(self, a: Any, b: Any) -> Any:
         """``a @ b`` for float32 ``a`` [..., M, K], ``b`` [..., K, N] with at most two batch axes

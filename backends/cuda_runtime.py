@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from graphopt._backend import op_version
 from graphopt._errors import BackendError
 from graphopt._ir import Model
+from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
 from graphopt.backends.cpu import INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, invoke, plan_frees, store
 from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
@@ -432,17 +433,46 @@ class CudaExecutable(SlotExecutable):
             self.stats["graph_eager_steps"] += len(sig.eager)
         else:
             plan, inputs, env, _ = sig.graph
+            moves = []
             for name, buf in inputs.items():
                 value = feeds[name]
                 if self._on_device(value):
-                    buf[...] = value
+                    moves.append((buf, value))
                 else:
                     buf.set(_contiguous(value), stream=self._stream)
+            self.copy_many(moves)  # device inputs (a KV cache) in one launch
             self._launch(plan, env, sig)
             self.stats["graph_replays"] += 1
-        outs = set(self.output_slots.values())
-        return self._static_outputs([v.copy() if (i in outs and v is not None) else v for i, v in enumerate(env)],
-                                    sig)
+        # outputs leave the captured buffers, which the next replay overwrites (one launch for all)
+        result = list(env)
+        moves = []
+        for i in set(self.output_slots.values()):
+            if env[i] is not None and self.classes[i] != STATIC:
+                result[i] = xp.empty(env[i].shape, env[i].dtype)
+                moves.append((result[i], env[i]))
+        self.copy_many(moves)
+        return self._static_outputs(result, sig)
+
+    def copy_many(self, moves: list[tuple[Any, Any]]) -> None:
+        """``dst[...] = src`` for every pair of device arrays, in one ``multi_copy`` launch where
+        the layouts allow (:func:`~graphopt.backends.cuda_kernels.copy_row`); a decode step moves
+        dozens of KV slices, each otherwise its own launch."""
+        rows, rest = [], []
+        array = self.device.xp.ndarray
+        for dst, src in moves:
+            row = ck.copy_row(dst, src) if isinstance(dst, array) and isinstance(src, array) else None
+            if row is None:
+                rest.append((dst, src))
+            else:
+                rows.append(row)
+        if rows:
+            table = np.array(rows, dtype=np.int64)
+            if self.device.kernels is None:
+                ck.multi_copy_twin(table)
+            else:
+                self.device.kernels.multi_copy(table)
+        for dst, src in rest:
+            dst[...] = src
 
     def _capture(self, sig: _Signature, inputs: dict[str, Any]) -> tuple[list | None, list[Any]]:
         """Captures the device steps in CUDA graphs, launching each as soon as it is captured, so

@@ -206,7 +206,7 @@ def decode_loop(exe, model, feeds: dict, steps: int, static: bool = False):
     if static:
         out = exe.step(feeds, keep=presents)
         total = np.asarray(feeds["attention_mask"]).shape[1]
-        kv = StaticKV(pairs, -(-(total + steps + 2) // 64) * 64)
+        kv = StaticKV(pairs, -(-(total + steps + 2) // 64) * 64, getattr(exe, "copy_many", None))
         kv.start(out)
         token = int(np.argmax(out["logits"][0, -1]))
         names = set(input_names(model))

@@ -138,9 +138,11 @@ class StaticKV:
     is why :meth:`check` compares the first static step with a dynamic one.
     """
 
-    def __init__(self, pairs: list[tuple[str, str]], capacity: int):
+    def __init__(self, pairs: list[tuple[str, str]], capacity: int, copy: Any = None):
         self.pairs = pairs
         self.capacity = capacity
+        #: ``copy(list of (dst, src))``: an engine's batched copy (``CudaExecutable.copy_many``)
+        self.copy = copy
         self.length = 0  # slots holding real tokens
         self.past: dict[str, Any] = {}
 
@@ -172,10 +174,16 @@ class StaticKV:
     def advance(self, out: dict[str, Any]) -> None:
         """Moves each present's last slot (the new token) into the first free slot; the
         presents (arrays of this step's outputs, host or device) become the next past."""
+        moves = []
         for name, present in self.pairs:
             kv = out[present]
-            kv[:, :, self.length] = kv[:, :, self.capacity - 1]
+            moves.append((kv[:, :, self.length], kv[:, :, self.capacity - 1]))
             self.past[name] = kv[:, :, :self.capacity - 1]
+        if self.copy is not None:
+            self.copy(moves)
+        else:
+            for dst, src in moves:
+                dst[...] = src
         self.length += 1
 
 
@@ -225,7 +233,7 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
         past[name] = np.zeros((1, dims[1], 0, dims[3]), dtype=dtypes[name])
     new: list[int] = []
     presents = frozenset(present for _, present in pairs)  # the KV cache may stay in the backend's memory
-    static = StaticKV(pairs, static_kv) if static_kv is not None else None
+    static = StaticKV(pairs, static_kv, getattr(exe, "copy_many", None)) if static_kv is not None else None
     step_ids = tokens
     for i in range(max_new_tokens):
         if static is not None and i > 0:

@@ -392,3 +392,41 @@ def test_float_mod_follows_numpy_at_the_edges():
     real = ~np.isnan(want)
     assert np.array_equal(np.signbit(got[real]), np.signbit(want[real]))
     assert got[4, 1] == np.inf and got[4, 0] == 5  # -5 mod inf, 5 mod inf (a varies along rows of b)
+
+
+@pytest.mark.parametrize("case", ["contiguous", "kv-slot", "kv-past", "heads", "transposed", "int8-odd"])
+def test_copy_rows_describe_strided_copies(case):
+    """``multi_copy``'s rows (what a decode step's KV inputs, outputs and slot moves become): the
+    host twin, run on numpy memory, must equal plain assignment; layouts it cannot describe
+    (a transpose) fall back to assignment."""
+    rng = np.random.default_rng(0)
+    kv = rng.standard_normal((2, 3, 16, 8)).astype(np.float32)
+    dst_kv = np.zeros_like(kv)
+    pairs = {"contiguous": (np.zeros((4, 5), np.float32), rng.standard_normal((4, 5)).astype(np.float32)),
+             "kv-slot": (dst_kv[:, :, 3], kv[:, :, 15]),
+             "kv-past": (np.zeros((2, 3, 15, 8), np.float32), kv[:, :, :15]),
+             "heads": (dst_kv[:1, 1:], kv[1:, :2]),
+             "transposed": (np.zeros((8, 16), np.float32), kv[0, 0].T),
+             "int8-odd": (np.zeros((3, 7), np.int8), rng.integers(-9, 9, (3, 9)).astype(np.int8)[:, 1:8])}
+    dst, src = pairs[case]
+    want = dst.copy()
+    want[...] = src
+    row = ck.copy_row(dst, src)
+    if case == "transposed":
+        assert row is None
+        return
+    assert row is not None and row[2] * row[3] == src.nbytes
+    ck.multi_copy_twin(np.array([row], np.int64))
+    np.testing.assert_array_equal(dst, want)
+
+
+def test_static_kv_moves_slots_through_the_batched_copy():
+    model = graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target=EMU)
+    exe = graphopt.compile(model, EMU)
+    calls = []
+    copy_many = exe.copy_many
+    exe.copy_many = lambda moves: (calls.append(len(moves)), copy_many(moves))
+    ref = np.load(FIXTURES / "llama-greedy.npz")
+    assert generate(model, ref["prompt_ids"].tolist(), 12, EMU, executable=exe, static_kv=32) == \
+        ref["tokens"].tolist()[:12]
+    assert calls and set(calls) == {2 * 2}  # one batch per step: keys and values of both layers

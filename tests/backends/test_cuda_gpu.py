@@ -122,6 +122,19 @@ def test_float32_gemv_matches_cublas(cp, kernels, m, k, n):
 
 
 @gpu
+def test_multi_copy_kernel_matches_assignment(cp, kernels):
+    rng = np.random.default_rng(1)
+    kv = cp.asarray(rng.standard_normal((2, 3, 16, 8)).astype(np.float32))
+    odd = cp.asarray(rng.integers(-9, 9, (3, 9)).astype(np.int8))
+    pairs = [(cp.zeros((2, 3, 8), cp.float32), kv[:, :, 15]), (cp.zeros((2, 3, 15, 8), cp.float32), kv[:, :, :15]),
+             (cp.zeros((1, 2, 16, 8), cp.float32), kv[1:, :2]), (cp.zeros((3, 7), cp.int8), odd[:, 1:8]),
+             (cp.zeros((5, 1000), cp.float32), cp.asarray(rng.standard_normal((5, 1000)).astype(np.float32)))]
+    kernels.multi_copy(np.array([ck.copy_row(d, s) for d, s in pairs], np.int64))
+    for dst, src in pairs:
+        np.testing.assert_array_equal(cp.asnumpy(dst), cp.asnumpy(src))
+
+
+@gpu
 @pytest.mark.parametrize("sa,sb", [((1, 14, 1, 64), (1, 14, 64, 192)), ((1, 32, 1), (1, 1, 1)),
                                    ((2, 3, 4, 5, 6), (3, 1, 6, 7)), ((5, 7), (7, 3)), ((1, 14, 3, 0), (14, 0, 4))])
 def test_small_matmul_kernel_matches_cublas(cp, kernels, sa, sb):
