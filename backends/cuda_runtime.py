@@ -28,8 +28,12 @@ token's keys, not the whole cache.
 
 With ``graphs=True`` on a GPU, a step whose input shapes repeat is captured in a CUDA
 graph on its second occurrence and replayed afterwards (inputs are copied into the
-captured buffers); any device-to-host read in the step (a shape that depends on input
-values) makes the step uncapturable, and it keeps running op by op.
+captured buffers, outputs out of them, each in one ``multi_copy`` launch); any
+device-to-host read in the step (a shape that depends on input values) makes the step
+uncapturable, and it keeps running op by op. An op that breaks a capture (a library call
+that synchronises: CuPy refuses cuBLAS under capture, which is why decode-sized matmuls
+have kernels of their own) is found by trying and runs between two graphs
+(``exe.capture_problems`` names it).
 """
 
 from __future__ import annotations
