@@ -481,7 +481,7 @@ def dq_kernel_names() -> list[str]:
 
 
 # ------------------------------------------------------------------ batched copies
-def _pointer(a: Any) -> int:
+def pointer(a: Any) -> int:
     return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
 
 
@@ -509,7 +509,7 @@ def copy_row(dst: Any, src: Any) -> tuple[int, ...] | None:
             return None
         lead[-2:] = [(n0 * n1, s1, d1)]
     n, ss, ds = lead[0] if lead else (1, 0, 0)
-    return (_pointer(src), _pointer(dst), chunk, n, ss, ds)
+    return (pointer(src), pointer(dst), chunk, n, ss, ds)
 
 
 def multi_copy_twin(table: np.ndarray) -> None:

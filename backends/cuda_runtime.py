@@ -106,9 +106,9 @@ class _Signature:
     eager: set[int] = field(default_factory=set)  # device steps that broke a capture: run between graphs
 
 
-#: Downloads from this size go through pinned host memory (several times the bandwidth of a copy
+#: Downloads from 256 KiB go through pinned host memory (several times the bandwidth of a copy
 #: into pageable memory: a prefill's logits are 300 MB for a 150k vocabulary).
-PINNED_DOWNLOAD = 1 << 20
+PINNED_DOWNLOAD = 1 << 18
 
 
 def _transfer(device: Device):
@@ -256,6 +256,7 @@ class CudaExecutable(SlotExecutable):
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0, "graph_eager_steps": 0}
         self.capture_problems: list[str] = []  # why a step was not (or only partly) captured
+        self._copy_layouts: dict[tuple, tuple | None] = {}  # copy_many's plans by (shape, strides, dtype)
         self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
         for i, step in enumerate(steps):  # KV-cache steps append through the in-place buffers
             if step.kv == "attention":
@@ -266,7 +267,9 @@ class CudaExecutable(SlotExecutable):
     # ---------------------------------------------------------------- running
     def run(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
         """Outputs as numpy arrays, except those named in ``keep``, which stay device arrays
-        (pass them back as inputs: a KV cache then never leaves the device)."""
+        (pass them back as inputs: a KV cache then never leaves the device). With ``graphs=True``
+        a kept output of a replayed step is the graph's own buffer: valid until the next step
+        with the same input shapes (feed it back, or copy it, before then)."""
         self.check_feeds(feeds)
         if self._stream is None:
             return self._outputs(self._execute(feeds), keep)
@@ -441,21 +444,17 @@ class CudaExecutable(SlotExecutable):
             for name, buf in inputs.items():
                 value = feeds[name]
                 if self._on_device(value):
-                    moves.append((buf, value))
+                    if value is not buf:
+                        moves.append((buf, value))
                 else:
                     buf.set(_contiguous(value), stream=self._stream)
             self.copy_many(moves)  # device inputs (a KV cache) in one launch
             self._launch(plan, env, sig)
             self.stats["graph_replays"] += 1
-        # outputs leave the captured buffers, which the next replay overwrites (one launch for all)
-        result = list(env)
-        moves = []
-        for i in set(self.output_slots.values()):
-            if env[i] is not None and self.classes[i] != STATIC:
-                result[i] = xp.empty(env[i].shape, env[i].dtype)
-                moves.append((result[i], env[i]))
-        self.copy_many(moves)
-        return self._static_outputs(result, sig)
+        # Outputs are the captured buffers themselves, as with any CUDA-graph runtime: those not kept
+        # are downloaded before run() returns, and kept ones (a KV cache) stay valid until the next
+        # replay of this signature, which is when a decode loop has already fed them back.
+        return self._static_outputs(list(env), sig)
 
     def copy_many(self, moves: list[tuple[Any, Any]]) -> None:
         """``dst[...] = src`` for every pair of device arrays, in one ``multi_copy`` launch where
@@ -463,12 +462,22 @@ class CudaExecutable(SlotExecutable):
         dozens of KV slices, each otherwise its own launch."""
         rows, rest = [], []
         array = self.device.xp.ndarray
+        layouts = self._copy_layouts
         for dst, src in moves:
-            row = ck.copy_row(dst, src) if isinstance(dst, array) and isinstance(src, array) else None
-            if row is None:
+            if not (isinstance(dst, array) and isinstance(src, array)):
+                rest.append((dst, src))
+                continue
+            key = (dst.shape, dst.strides, src.strides, dst.dtype)
+            layout = layouts.get(key, False)
+            if layout is False:  # planned once per layout: a decode step repeats the same few
+                if len(layouts) > 4096:
+                    layouts.clear()
+                row = ck.copy_row(dst, src)
+                layout = layouts[key] = row[2:] if row is not None else None
+            if layout is None:
                 rest.append((dst, src))
             else:
-                rows.append(row)
+                rows.append((ck.pointer(src), ck.pointer(dst), *layout))
         if rows:
             table = np.array(rows, dtype=np.int64)
             if self.device.kernels is None:
