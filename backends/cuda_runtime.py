@@ -247,7 +247,7 @@ class CudaExecutable(SlotExecutable):
         super().__init__(steps, n_slots, constants, inputs, outputs, rewrites)
         self.device = device
         self.classes = classes
-        self.graphs = graphs and not device.emulated
+        self.graphs = graphs
         self.weight_bytes = weight_bytes
         self._upload, self._download = _transfer(device)
         self._signatures: OrderedDict[tuple, _Signature] = OrderedDict()
@@ -257,6 +257,7 @@ class CudaExecutable(SlotExecutable):
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0, "graph_eager_steps": 0}
         self.capture_problems: list[str] = []  # why a step was not (or only partly) captured
         self._copy_layouts: dict[tuple, tuple | None] = {}  # copy_many's plans by (shape, strides, dtype)
+        self._graphs = _EmulatedCapture(self) if device.emulated else _StreamCapture(device.xp, self._stream)
         self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
         for i, step in enumerate(steps):  # KV-cache steps append through the in-place buffers
             if step.kv == "attention":
@@ -416,13 +417,14 @@ class CudaExecutable(SlotExecutable):
         if sig.graph is None:  # second sighting: capture (this call's results come from the capture's run)
             # A private pool: memory the captured kernels use (intermediates, scratch) is never
             # handed to anything else while the graph lives, since every replay writes it.
-            pool = xp.cuda.MemoryPool()
-            with xp.cuda.using_allocator(pool.malloc):
+            pool, private = self._graphs.private_memory()
+            with private:
                 inputs = {n: xp.asarray(feeds[n]).copy() for n in self.input_slots}
                 env = list(self._base)
                 for name, slot in self.input_slots.items():
                     env[slot] = inputs[name]
-                self.device.kernels.warm()
+                if self.device.kernels is not None:
+                    self.device.kernels.warm()
                 self._plain_kv = True  # no KV buffers swapped by the warm-up or the capture
                 try:
                     self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
@@ -447,7 +449,7 @@ class CudaExecutable(SlotExecutable):
                     if value is not buf:
                         moves.append((buf, value))
                 else:
-                    buf.set(_contiguous(value), stream=self._stream)
+                    self._graphs.set(buf, value)
             self.copy_many(moves)  # device inputs (a KV cache) in one launch
             self._launch(plan, env, sig)
             self.stats["graph_replays"] += 1
@@ -494,7 +496,7 @@ class CudaExecutable(SlotExecutable):
         it is marked *eager*, the capture starts over, and from then on the step runs op by op
         between two graphs, its results copied into the buffers the next graph reads. Returns
         ``(plan, env)``; ``plan`` is ``None`` when the step cannot be captured at all."""
-        stream, rt = self._stream, self.device.xp.cuda.runtime
+        api = self._graphs
         while True:
             env = list(self._base)  # the previous attempt's arrays are dropped: their blocks serve this one
             for name, slot in self.input_slots.items():
@@ -507,29 +509,25 @@ class CudaExecutable(SlotExecutable):
                     continue
                 if i in sig.eager:
                     if capturing:
-                        plan.append(("graph", self._end_capture(stream)))
+                        plan.append(("graph", self._end_capture()))
                         capturing = False
                     self._run_step(step, env, sig, run_host=False)
                     plan.append(("eager", i, tuple(env[o] if o >= 0 else None for o in step.outputs)))
                     continue
                 if not capturing:
-                    stream.begin_capture()
+                    api.begin()
                     capturing = True
                 try:
                     self._run_step(step, env, sig, run_host=False)
-                    if not rt.streamIsCapturing(stream.ptr):  # raises when the capture was invalidated
-                        raise BackendError("the stream is no longer capturing")
+                    api.ran(step, env, sig)
                 except Exception as e:  # noqa: BLE001 - any failure under capture: try the step eagerly
                     broke = (i, e)
                     break
             if broke is None:
                 if capturing:
-                    plan.append(("graph", self._end_capture(stream)))
+                    plan.append(("graph", self._end_capture()))
                 return plan, env
-            try:
-                stream.end_capture()
-            except Exception:  # noqa: BLE001 - an invalidated capture refuses to end cleanly
-                pass
+            api.abort()
             i, e = broke
             reason = f"{self.steps[i].name} ({self.steps[i].op}) broke the capture: {type(e).__name__}: {e}"
             if i in sig.eager or len(sig.eager) >= MAX_EAGER_STEPS:
@@ -540,9 +538,9 @@ class CudaExecutable(SlotExecutable):
             self.capture_problems.append(reason + " (runs op by op between graphs)")
             logger.info("cuda: %s", reason)
 
-    def _end_capture(self, stream: Any) -> Any:
-        graph = stream.end_capture()
-        graph.launch(stream=stream)  # the segment runs now too: what follows reads its results
+    def _end_capture(self) -> Any:
+        graph = self._graphs.end()
+        self._graphs.launch(graph)  # the segment runs now too: what follows reads its results
         return graph
 
     def _launch(self, plan: list[tuple], env: list[Any], sig: _Signature) -> None:
@@ -550,7 +548,7 @@ class CudaExecutable(SlotExecutable):
         try:
             for item in plan:
                 if item[0] == "graph":
-                    item[1].launch(stream=self._stream)
+                    self._graphs.launch(item[1])
                     continue
                 _, i, targets = item
                 step = self.steps[i]
@@ -561,6 +559,78 @@ class CudaExecutable(SlotExecutable):
                         target[...] = scratch[slot]
         finally:
             self._plain_kv = False
+
+
+class _StreamCapture:
+    """CUDA-graph capture on the executable's CuPy stream."""
+
+    def __init__(self, xp: Any, stream: Any):
+        self.xp, self.stream = xp, stream
+
+    def private_memory(self) -> tuple[Any, Any]:
+        pool = self.xp.cuda.MemoryPool()
+        return pool, self.xp.cuda.using_allocator(pool.malloc)
+
+    def begin(self) -> None:
+        self.stream.begin_capture()
+
+    def ran(self, step: Step, env: list[Any], sig: _Signature) -> None:
+        if not self.xp.cuda.runtime.streamIsCapturing(self.stream.ptr):  # raises once invalidated
+            raise BackendError("the stream is no longer capturing")
+
+    def end(self) -> Any:
+        return self.stream.end_capture()
+
+    def abort(self) -> None:
+        try:
+            self.stream.end_capture()
+        except Exception:  # noqa: BLE001 - an invalidated capture refuses to end cleanly
+            pass
+
+    def launch(self, graph: Any) -> None:
+        graph.launch(stream=self.stream)
+
+    def set(self, buf: Any, value: Any) -> None:
+        buf.set(_contiguous(value), stream=self.stream)
+
+
+class _EmulatedCapture:
+    """numpy's stand-in (``CudaBackend(emulate=True, graphs=True)``), so the capture logic runs in
+    tests without a GPU: a "graph" is the list of steps run while capturing, and launching it
+    runs them again on the captured env. ``refuse``: op types that break a capture the way a
+    cuBLAS call does under CuPy."""
+
+    def __init__(self, exe: CudaExecutable) -> None:
+        self.exe = exe
+        self.recording: list | None = None
+        self.refuse: set[str] = set()
+
+    def private_memory(self) -> tuple[Any, Any]:
+        import contextlib
+
+        return None, contextlib.nullcontext()
+
+    def begin(self) -> None:
+        self.recording = []
+
+    def ran(self, step: Step, env: list[Any], sig: _Signature) -> None:
+        if step.op in self.refuse:
+            raise BackendError(f"{step.op} is refused under capture (emulated)")
+        self.recording.append((step, env, sig))
+
+    def end(self) -> list:
+        recording, self.recording = self.recording, None
+        return recording
+
+    def abort(self) -> None:
+        self.recording = None
+
+    def launch(self, graph: list) -> None:
+        for step, env, sig in graph:
+            self.exe._run_step(step, env, sig, run_host=False)
+
+    def set(self, buf: Any, value: Any) -> None:
+        buf[...] = value
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

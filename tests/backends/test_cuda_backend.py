@@ -430,3 +430,24 @@ def test_static_kv_moves_slots_through_the_batched_copy():
     assert generate(model, ref["prompt_ids"].tolist(), 12, EMU, executable=exe, static_kv=32) == \
         ref["tokens"].tolist()[:12]
     assert calls and set(calls) == {2 * 2}  # one batch per step: keys and values of both layers
+
+
+@pytest.mark.parametrize("refuse,eager", [(set(), 0), ({"RMSNormalization"}, 5), ({"FusedElementwise", "MatMul"}, None)],
+                         ids=["whole", "pieces", "too-many"])
+def test_cuda_graph_capture_logic_in_emulation(refuse, eager):
+    """The capture path without a GPU (numpy's stand-in records the steps a "graph" would hold):
+    a decode loop on static KV buffers captures once and replays; steps that break a capture run
+    between pieces of it; too many such steps leave the shape op by op; tokens stay torch's."""
+    backend = CudaBackend(emulate=True, graphs=True, fused_attention=False)
+    model = graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target=backend)
+    exe = graphopt.compile(model, backend)
+    exe._graphs.refuse = refuse
+    ref = np.load(FIXTURES / "llama-greedy.npz")
+    assert generate(model, ref["prompt_ids"].tolist(), 32, backend, executable=exe, static_kv=64) == \
+        ref["tokens"].tolist()
+    if eager is None:
+        assert exe.stats["graph_captures"] == 0 and exe.stats["graph_replays"] == 0
+        assert len(exe.capture_problems) == 17 and "broke the capture" in exe.capture_problems[-1]
+    else:
+        assert exe.stats["graph_captures"] == 1 and exe.stats["graph_replays"] >= 29
+        assert exe.stats["graph_eager_steps"] == eager == len(exe.capture_problems)
