@@ -788,6 +788,35 @@ def _dequant_matmul(n: KNode, d: Device):
     return run
 
 
+@device_op("MatMulEpilogue", domain=INTERNAL_DOMAIN)
+def _matmul_epilogue(n: KNode, d: Device):
+    # (x, W, extras): a float32 MatMul on a constant W (stored k-contiguous) whose bias / residual Adds
+    # were folded in (attribute "epilogue": "bias", "resid" or both, in input order)
+    parts = [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
+    width = int(n.attr("n"))
+    xp = d.xp
+    matmul = _matmul(n, d)
+
+    def run(x, w, *extra):
+        ops = dict(zip(parts, extra))
+        bias, resid = ops.get("bias"), ops.get("resid")
+        rows = math.prod(x.shape[:-1])
+        b1 = xp.ascontiguousarray(bias.reshape(width), dtype=xp.float32) if bias is not None else None
+        if (d.kernels is not None and x.dtype == w.dtype == np.float32 and w.ndim == 2 and w.strides[0] == 4
+                and 0 < rows <= ck.GEMV_MAX_ROWS and w.shape[0] > 0):
+            x2 = xp.ascontiguousarray(x.reshape(rows, x.shape[-1]))
+            r2 = xp.ascontiguousarray(resid.reshape(rows, width), dtype=xp.float32) if resid is not None else None
+            y = d.kernels.gemv_f32(x2, w, w.strides[1] // 4, width, b1, r2)
+            return y.reshape(x.shape[:-1] + (width,))
+        y = matmul(x, w)
+        if b1 is not None:
+            y = y + b1
+        if resid is not None:
+            y = y + resid.reshape(y.shape)
+        return y
+    return run
+
+
 def _out_dtype(n: KNode) -> np.dtype:
     """A fused dequant node's result type: its output's (float16 models stay float16), else float32."""
     known = n.output_dtypes[0] if n.output_dtypes else None

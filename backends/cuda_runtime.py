@@ -177,14 +177,19 @@ def _fold_transposed_dequant(model: Model) -> int:
 def _fold_epilogues(model: Model) -> int:
     """``Add(DequantMatMul(x, W), b)`` with b a float32 constant vector of the output width (a
     projection's bias), and ``Add(DequantMatMul(...), r)`` with r a float32 tensor of the output's
-    own shape (a residual), become the dequant-matmul's epilogue: one launch instead of two or three."""
+    own shape (a residual), become the dequant-matmul's epilogue: one launch instead of two or three.
+    The same for a float32 ``MatMul`` on a constant weight (``MatMulEpilogue``: the GEMV kernel's
+    epilogue for decode rows, cuBLAS and additions otherwise)."""
     graph = model.graph
     outputs = {t.name for t in graph.outputs}
     count = 0
     for m in list(graph.nodes):
-        if m.op != "DequantMatMul" or m.domain != INTERNAL_DOMAIN or len(m.inputs) < 3:
+        plain = m.op == "MatMul" and not m.domain and _constant_f32_matrix(m)
+        if plain:  # a float32 MatMul on a constant weight: MatMulEpilogue (x, W, extras), if an Add folds
+            m.op, m.domain, m.attrs = "MatMulEpilogue", INTERNAL_DOMAIN, {"n": int(m.inputs[1].shape[1])}
+        elif m.op != "DequantMatMul" or m.domain != INTERNAL_DOMAIN or len(m.inputs) < 3:
             continue
-        while len(m.inputs) < 4:
+        while m.op == "DequantMatMul" and len(m.inputs) < 4:
             m.inputs.append(gs.Variable.empty())
         parts = [p for p in str(m.attrs.get("epilogue", "")).split(",") if p]
         width = int(m.attrs["n"])
@@ -214,10 +219,18 @@ def _fold_epilogues(model: Model) -> int:
             count += 1
         if parts:
             m.attrs["epilogue"] = ",".join(parts)
+        elif plain:  # nothing to fold: stays a MatMul
+            m.op, m.domain, m.attrs = "MatMul", "", {}
     if count:
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return count
+
+
+def _constant_f32_matrix(m: gs.Node) -> bool:
+    w = m.inputs[1] if len(m.inputs) == 2 else None
+    return (isinstance(w, gs.Constant) and len(w.shape) == 2 and np.dtype(w.dtype) == np.float32
+            and _is_f32(m.inputs[0]) and len(m.outputs) == 1)
 
 
 def _quant_weight(node: gs.Node, device: Device) -> GemvWeight:
@@ -809,7 +822,9 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
             def device_input(pos: int, t: gs.Tensor) -> None:
                 param = pos in params
                 if isinstance(t, gs.Constant):
-                    names.append(constant_slot(t, not param, k_major=node.op == "MatMul" and not domain and pos == 1))
+                    k_major = pos == 1 and ((node.op == "MatMul" and not domain)
+                                            or (node.op == "MatMulEpilogue" and domain == INTERNAL_DOMAIN))
+                    names.append(constant_slot(t, not param, k_major=k_major))
                     actions.append(READ)
                     return
                 names.append(t.name)

@@ -451,3 +451,17 @@ def test_cuda_graph_capture_logic_in_emulation(refuse, eager):
     else:
         assert exe.stats["graph_captures"] == 1 and exe.stats["graph_replays"] >= 29
         assert exe.stats["graph_eager_steps"] == eager == len(exe.capture_problems)
+
+
+def test_float32_bias_and_residual_adds_ride_on_the_matmul():
+    """q/k/v biases and residual Adds after float32 MatMuls on constant weights fold into
+    ``MatMulEpilogue`` (the GEMV kernel's epilogue on a GPU); outputs unchanged."""
+    model = graphopt.optimize(graphopt.load(FIXTURES / "qwen2-dynamo-decode.onnx"), target=EMU)
+    exe = graphopt.compile(model, EMU)
+    epilogues = [s.knode.attrs["epilogue"] for s in exe.steps if s.op == "MatMulEpilogue"]
+    assert epilogues == ["bias", "resid", "resid"] * 2  # per layer: merged q/k/v bias, o_proj and down_proj
+    assert exe.rewrites["dequant_epilogues"] == 6
+    assert not [s for s in exe.steps if s.op == "Add" and not s.host]  # (integer shape arithmetic stays)
+    feeds, want = split_reference(FIXTURES / "qwen2-dynamo-decode.onnx")
+    got = exe.run({k: feeds[k] for k in exe.input_names})
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=0)
