@@ -117,7 +117,7 @@ def _transfer(device: Device):
         return (lambda a: np.array(a, copy=True)), (lambda a: np.asarray(a))
 
     def download(a):
-        if a.nbytes < PINNED_DOWNLOAD:
+        if not isinstance(a, xp.ndarray) or a.nbytes < PINNED_DOWNLOAD:  # host values (shape outputs) too
             return xp.asnumpy(a)
         import cupyx
 
@@ -203,7 +203,8 @@ def _fold_epilogues(model: Model) -> int:
             other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
             out = add.outputs[0]
             if "bias" not in parts and isinstance(other, gs.Constant) and other.values.dtype == np.float32 \
-                    and other.values.size == width and other.values.shape[-1:] == (width,):
+                    and other.values.size == width and other.values.shape[-1:] == (width,) \
+                    and other.values.ndim <= _rank(y, m.inputs[0]):  # the Add keeps y's rank
                 role = "bias"
             elif ("resid" not in parts and not isinstance(other, gs.Constant) and _is_f32(other)
                   and y.shape is not None and other.shape is not None and out.shape is not None
@@ -225,6 +226,13 @@ def _fold_epilogues(model: Model) -> int:
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return count
+
+
+def _rank(y: gs.Tensor, x: gs.Tensor) -> int:
+    """A matmul result's rank: known, or that of its input x (a 2-D weight keeps it); -1 if neither."""
+    if y.shape is not None:
+        return len(y.shape)
+    return len(x.shape) if x.shape is not None else -1
 
 
 def _constant_f32_matrix(m: gs.Node) -> bool:
@@ -281,9 +289,7 @@ class CudaExecutable(SlotExecutable):
     # ---------------------------------------------------------------- running
     def run(self, feeds: dict[str, Any], keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
         """Outputs as numpy arrays, except those named in ``keep``, which stay device arrays
-        (pass them back as inputs: a KV cache then never leaves the device). With ``graphs=True``
-        a kept output of a replayed step is the graph's own buffer: valid until the next step
-        with the same input shapes (feed it back, or copy it, before then)."""
+        (pass them back as inputs: a KV cache then never leaves the device)."""
         self.check_feeds(feeds)
         if self._stream is None:
             return self._outputs(self._execute(feeds), keep)
@@ -317,10 +323,7 @@ class CudaExecutable(SlotExecutable):
             sig.seen += 1
             if self.graphs and sig.uncapturable is None:
                 return self._replay(sig, feeds)
-        env = list(self._base)
-        for name, slot in self.input_slots.items():
-            value = feeds[name]
-            env[slot] = value if self._on_device(value) else self._upload(np.asarray(value))
+        env = self._feed(feeds)
         if sig is None:
             sig = _Signature()
             self._walk(env, sig, run_host=True)
@@ -335,6 +338,13 @@ class CudaExecutable(SlotExecutable):
         else:
             self._walk(env, sig, run_host=False)
             self._static_outputs(env, sig)
+        return env
+
+    def _feed(self, feeds: dict[str, Any]) -> list[Any]:
+        env = list(self._base)
+        for name, slot in self.input_slots.items():
+            value = feeds[name]
+            env[slot] = value if self._on_device(value) else self._upload(np.asarray(value))
         return env
 
     def _static_outputs(self, env: list[Any], sig: _Signature) -> list[Any]:
@@ -439,16 +449,19 @@ class CudaExecutable(SlotExecutable):
                 if self.device.kernels is not None:
                     self.device.kernels.warm()
                 self._plain_kv = True  # no KV buffers swapped by the warm-up or the capture
+                plan = None
                 try:
                     self._walk(env, sig, run_host=False)  # warm-up (cuBLAS handles, pool blocks) outside capture
-                    if sig.uncapturable is not None:
-                        return self._static_outputs(env, sig)
-                    plan, env = self._capture(sig, inputs)
+                    env = None  # the warm-up's blocks serve the capture
+                    if sig.uncapturable is None:
+                        plan, env = self._capture(sig, inputs)
                 finally:
                     self._plain_kv = False
-            if plan is None:
+            if plan is None:  # this call's results op by op, in ordinary memory (the private pool goes now)
                 logger.info("cuda: %s", sig.uncapturable)
                 self.capture_problems.append(sig.uncapturable)
+                env = self._feed(feeds)
+                self._walk(env, sig, run_host=False)
                 return self._static_outputs(env, sig)
             sig.graph = (plan, inputs, env, pool)
             self.stats["graph_captures"] += 1
@@ -466,10 +479,16 @@ class CudaExecutable(SlotExecutable):
             self.copy_many(moves)  # device inputs (a KV cache) in one launch
             self._launch(plan, env, sig)
             self.stats["graph_replays"] += 1
-        # Outputs are the captured buffers themselves, as with any CUDA-graph runtime: those not kept
-        # are downloaded before run() returns, and kept ones (a KV cache) stay valid until the next
-        # replay of this signature, which is when a decode loop has already fed them back.
-        return self._static_outputs(list(env), sig)
+        # Outputs leave the captured buffers (one launch for all): the next replay overwrites those,
+        # and arrays of the private pool must not outlive it.
+        result = list(env)
+        moves = []
+        for i in set(self.output_slots.values()):
+            if env[i] is not None and self.classes[i] != STATIC:
+                result[i] = self.device.xp.empty(env[i].shape, env[i].dtype)
+                moves.append((result[i], env[i]))
+        self.copy_many(moves)
+        return self._static_outputs(result, sig)
 
     def copy_many(self, moves: list[tuple[Any, Any]]) -> None:
         """``dst[...] = src`` for every pair of device arrays, in one ``multi_copy`` launch where
@@ -479,7 +498,8 @@ class CudaExecutable(SlotExecutable):
         array = self.device.xp.ndarray
         layouts = self._copy_layouts
         for dst, src in moves:
-            if not (isinstance(dst, array) and isinstance(src, array)):
+            if not (isinstance(dst, array) and isinstance(src, array)) or dst.shape != src.shape \
+                    or dst.dtype != src.dtype:
                 rest.append((dst, src))
                 continue
             key = (dst.shape, dst.strides, src.strides, dst.dtype)
@@ -545,8 +565,7 @@ class CudaExecutable(SlotExecutable):
             reason = f"{self.steps[i].name} ({self.steps[i].op}) broke the capture: {type(e).__name__}: {e}"
             if i in sig.eager or len(sig.eager) >= MAX_EAGER_STEPS:
                 sig.uncapturable = reason
-                self._walk(env, sig, run_host=False)  # this call's results, op by op
-                return None, env
+                return None, None
             sig.eager.add(i)
             self.capture_problems.append(reason + " (runs op by op between graphs)")
             logger.info("cuda: %s", reason)

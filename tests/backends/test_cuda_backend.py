@@ -465,3 +465,33 @@ def test_float32_bias_and_residual_adds_ride_on_the_matmul():
     feeds, want = split_reference(FIXTURES / "qwen2-dynamo-decode.onnx")
     got = exe.run({k: feeds[k] for k in exe.input_names})
     np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=0)
+
+
+def test_a_bias_of_higher_rank_is_not_folded():
+    """``Add(MatMul(x, W), b)`` with b of shape (1, 1, n) and x 2-D broadcasts to rank 3: folding b
+    into the GEMV epilogue would drop that axis, so it stays an Add (found in review)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal((1, 1, 6)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Add", ["y", "b"], ["z"], name="add")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 6])], initializer=[w, b])
+    model = graphopt.Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    exe = graphopt.compile(model, EMU)
+    assert exe.rewrites["dequant_epilogues"] == 0
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    got = exe.run({"x": x})["z"]
+    assert got.shape == (1, 3, 6)
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})["z"], atol=1e-5, rtol=0)
+
+
+def test_copy_many_falls_back_to_assignment_for_broadcasts_and_casts():
+    exe = graphopt.compile(graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target=EMU), EMU)
+    a, b = np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    exe.copy_many([(a, np.ones((2, 3), np.float32))])  # plans the (2, 3) float32 layout
+    exe.copy_many([(b, np.full((1, 3), 2.0, np.float32)), (a, np.arange(6).reshape(2, 3))])  # same strides
+    np.testing.assert_array_equal(b, np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(a, np.arange(6, dtype=np.float32).reshape(2, 3))
