@@ -629,7 +629,8 @@ class _StreamCapture:
 class _EmulatedCapture:
     """numpy's stand-in (``CudaBackend(emulate=True, graphs=True)``), so the capture logic runs in
     tests without a GPU: a "graph" is the list of steps run while capturing, and launching it
-    runs them again on the captured env. ``refuse``: op types that break a capture the way a
+    runs them again on the captured env, writing into the arrays of the capture (so outputs
+    alias fixed buffers as on a GPU). ``refuse``: op types that break a capture the way a
     cuBLAS call does under CuPy."""
 
     def __init__(self, exe: CudaExecutable) -> None:
@@ -658,8 +659,21 @@ class _EmulatedCapture:
         self.recording = None
 
     def launch(self, graph: list) -> None:
+        # As a real graph does, every step writes into the arrays it produced at capture (views of
+        # other buffers follow them), so outputs alias the captured buffers as they would on a GPU.
         for step, env, sig in graph:
-            self.exe._run_step(step, env, sig, run_host=False)
+            scratch = list(env)
+            self.exe._run_step(step, scratch, sig, run_host=False)
+            for slot in step.outputs:
+                if slot < 0:
+                    continue
+                old, new = env[slot], scratch[slot]
+                if (isinstance(old, np.ndarray) and isinstance(new, np.ndarray) and old.shape == new.shape
+                        and old.dtype == new.dtype):
+                    if not np.shares_memory(old, new):
+                        old[...] = new
+                else:
+                    env[slot] = new
 
     def set(self, buf: Any, value: Any) -> None:
         buf[...] = value
