@@ -47,7 +47,7 @@ _QUANT_FLAGS = {"quant_bits": "quant_bits", "quant_block": "quant_block", "lm_qu
                 "embed_quant_block": "quant_embed_block", "quant_method": "quant_method",
                 "quant_scale_dtype": "quant_scale_dtype", "quant_min_elements": "quant_min_elements",
                 "quant_include": "quant_include", "quant_exclude": "quant_exclude",
-                "quant_calib_tokens": "quant_calib_tokens"}
+                "quant_calib_tokens": "quant_calib_tokens", "quant_format": "quant_format"}
 
 
 def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-calib-tokens", type=int, metavar="N",
                    help="gptq: activation rows of generated calibration inputs (default 16384)")
     q.add_argument("--quant-scale-dtype", choices=("float32", "float16"), help="dtype of the scales")
+    q.add_argument("--quant-format", choices=("qdq", "matmulnbits"),
+                   help="qdq: standard DequantizeLinear (default); matmulnbits: onnxruntime's com.microsoft "
+                        "MatMulNBits for the MatMuls (what onnxruntime-gpu's CUDA provider runs at 4 bits)")
     q.add_argument("--quant-include", action="append", metavar="PATTERN", help="only weights matching (fnmatch)")
     q.add_argument("--quant-exclude", action="append", metavar="PATTERN", help="skip weights matching (fnmatch)")
     q.add_argument("--quant-min-elements", type=int, metavar="N", help="skip smaller weights (default 1024)")

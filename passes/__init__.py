@@ -13,13 +13,14 @@ from graphopt.passes.decompose_attention import ATTENTION_DECOMPOSITIONS
 from graphopt.passes.decompositions import DECOMPOSITIONS
 from graphopt.passes.dedupe import InitializerDedupe
 from graphopt.passes.matmul_merge import MatMulMerge
+from graphopt.passes.matmulnbits import MatMulNBitsFormat
 from graphopt.passes.quantize import Quantize
 from graphopt.passes.rmsnorm import RMSNormFuse
 from graphopt.passes.shape_inference import ShapeInference
 from graphopt.passes.tie_embedding import TieEmbeddingDedupe
 
 BUILTIN_PASSES = (ShapeInference, IdentityElimination, ConstantFolding, InitializerDedupe, TieEmbeddingDedupe,
-                  RMSNormFuse, AttentionFuse, MatMulMerge, Quantize, DeadCodeElimination)
+                  RMSNormFuse, AttentionFuse, MatMulMerge, Quantize, MatMulNBitsFormat, DeadCodeElimination)
 
 
 @hookimpl

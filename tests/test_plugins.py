@@ -32,6 +32,7 @@ def test_builtins_register_through_the_hooks():
         "attention-fuse": "graphopt.passes",
         "matmul-merge": "graphopt.passes",
         "quantize": "graphopt.passes",
+        "matmulnbits-format": "graphopt.passes",
         "dead-code-elimination": "graphopt.passes",
     }
     assert {n: r.plugin for n, r in reg.backends.items()} == {

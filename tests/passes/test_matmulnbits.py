@@ -1,0 +1,78 @@
+"""matmulnbits-format (``--quant-format matmulnbits``): the quantize pass's DequantizeLinear → MatMul
+pairs as onnxruntime's com.microsoft MatMulNBits, codes and scales bit for bit; the tied LM head too;
+the decomposition takes them back for a target without MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphopt
+from conftest import FIXTURES, run_ort, split_reference
+from graphopt.passes.matmulnbits import pack_matmulnbits
+
+SETTINGS = [dict(quant_bits=4, quant_block=32), dict(quant_bits=4, quant_block=16, quant_symmetric=False),
+            dict(quant_bits=8, quant_block=128, quant_lm_bits=8)]
+
+
+def _nbits(model) -> list:
+    return [n for n in model.graph.nodes if n.op == "MatMulNBits" and n.domain == "com.microsoft"]
+
+
+@pytest.mark.parametrize("name", ["llama-dynamo-decode", "qwen2-dynamo-decode"])
+@pytest.mark.parametrize("options", SETTINGS, ids=["int4-b32", "uint4-b16-asym", "int8-b128"])
+def test_matmulnbits_output_equals_the_qdq_output(name, options):
+    src = graphopt.load(FIXTURES / f"{name}.onnx")
+    qdq = graphopt.optimize(src, target="onnxruntime", **options)
+    nb = graphopt.optimize(src, target="onnxruntime", quant_format="matmulnbits", **options)
+    quantized = next(s for s in qdq.history if s.name == "quantize").counters
+    matmuls = quantized.get("linear", 0) + quantized.get("lm_head", 0) + quantized.get("tied", 0)
+    assert len(_nbits(nb)) == matmuls > 0
+    assert nb.opset("com.microsoft") == 1
+    # what stays QDQ is only what feeds a Gather (qwen2's tied embedding, read by the LM head as MatMulNBits)
+    assert all(c.op == "Gather" for n in nb.graph.nodes if n.op == "DequantizeLinear" for c in n.outputs[0].outputs)
+    if name.startswith("qwen2"):
+        assert any(n.attrs["N"] == 512 for n in _nbits(nb))  # the tied LM head (vocab 512)
+    feeds, want = split_reference(FIXTURES / f"{name}.onnx")
+    got, ref = run_ort(nb, feeds), run_ort(qdq, feeds)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("options", SETTINGS, ids=["int4-b32", "uint4-b16-asym", "int8-b128"])
+def test_the_decomposition_takes_matmulnbits_back_for_the_cpu_backend(options):
+    """Our packing against the independent MatMulNBits decomposition: legalized for cpu (which does
+    not declare MatMulNBits) and run by the cpu backend, the model computes what the QDQ one does."""
+    path = FIXTURES / "qwen2-dynamo-decode.onnx"
+    nb = graphopt.optimize(graphopt.load(path), target="onnxruntime", quant_format="matmulnbits", **options)
+    back = graphopt.legalize(nb, "cpu")
+    assert not _nbits(back)
+    qdq = graphopt.optimize(graphopt.load(path), target="cpu", **options)
+    feeds, _ = split_reference(path)
+    got, want = graphopt.compile(back, "cpu").run(feeds), graphopt.compile(qdq, "cpu").run(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_packing_layout():
+    codes = np.array([[-8, 7, 0, 1, -1]], np.int8)  # one column, K = 5, block 4: a partial second block
+    b, s, z = pack_matmulnbits(codes, np.array([[0.5, 2.0]], np.float32), None, 4, True, 4)
+    # +8: 0, 15, 8, 9 | 7 (then zero padding); low nibble first
+    assert b.shape == (1, 2, 2) and b.tolist() == [[[0xF0, 0x98], [0x07, 0x00]]]
+    assert s.tolist() == [0.5, 2.0] and z is None
+    u = np.array([[3, 12]], np.uint8)
+    _, _, z = pack_matmulnbits(u, np.ones((1, 1), np.float32), np.array([[5]], np.uint8), 4, False, 16)
+    assert z.tolist() == [5]  # one block: one nibble, padded to a byte
+
+
+def test_bad_format_and_format_without_bits(tmp_path):
+    with pytest.raises(graphopt.PassError, match="quant format 'gguf' is not one of qdq, matmulnbits"):
+        graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), quant_bits=4, quant_format="gguf")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "graphopt._cli", "optimize", str(FIXTURES / "llama-dynamo-decode.onnx"),
+                          "-o", str(tmp_path / "o.onnx"), "--quant-format", "matmulnbits"], capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.strip() == \
+        "graphopt optimize: error: quantization options need --quant-bits (4 or 8)"
+    assert not (tmp_path / "o.onnx").exists()
