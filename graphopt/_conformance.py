@@ -52,6 +52,13 @@ def classify(backend: Backend, case) -> tuple[str, str, Model | None]:
     return "applies", "", model
 
 
+def applicable(backend: Backend) -> tuple[dict, list[str]]:
+    """Every node case by name, and the sorted names of those ``backend`` declares it can run
+    (the parametrization of a backend's conformance tests)."""
+    cases = {c.name: c for c in node_cases()}
+    return cases, sorted(n for n, c in cases.items() if classify(backend, c)[0] == "applies")
+
+
 def _array(x):
     """Some cases store their data as TensorProtos rather than arrays."""
     return onnx.numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else x

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from graphopt._errors import GraphoptError
 from graphopt._ir import Model
 from graphopt._pipeline import Pass, PassContext, PassResult
+from graphopt.passes._blockquant import pack_int4
 
 MS = "com.microsoft"
 FORMATS = ("qdq", "matmulnbits")
@@ -43,10 +44,8 @@ def _codes(t: gs.Constant) -> tuple[np.ndarray, int, bool] | None:
 
 
 def _pack_rows(u: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes ``[..., n]`` (n even for 4 bits) → bytes, low nibble first."""
-    if bits == 8:
-        return u
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    """uint8 codes ``[..., n]`` (n even for 4 bits) → bytes ``[..., n · bits / 8]``, low nibble first."""
+    return u if bits == 8 else pack_int4(u).reshape(u.shape[:-1] + (u.shape[-1] // 2,))
 
 
 def pack_matmulnbits(codes_nk: np.ndarray, scales_nb: np.ndarray, zeros_nb: np.ndarray | None, bits: int,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 import graphopt
-from graphopt._conformance import classify, node_cases, run_case
+from graphopt._conformance import applicable, classify, run_case
 
 CPU = graphopt.get_backend("cpu")
-CASES = {c.name: c for c in node_cases()}
-APPLIES = sorted(n for n, c in CASES.items() if classify(CPU, c)[0] == "applies")
+CASES, APPLIES = applicable(CPU)
 
 
 def test_conformance_covers_the_llm_op_set():

@@ -13,7 +13,7 @@ import pytest
 
 import graphopt
 from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_ort, split_reference
-from graphopt._conformance import classify, node_cases, run_case
+from graphopt._conformance import applicable, run_case
 from graphopt._evaluate import generate, load_inputs
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
@@ -182,8 +182,7 @@ def test_kernel_twins_match_the_onnx_definitions():
     np.testing.assert_allclose(ck.softmax_twin(x, np), e / e.sum(-1, keepdims=True), rtol=1e-6)
 
 
-CASES = {c.name: c for c in node_cases()}
-APPLIES = sorted(n for n, c in CASES.items() if classify(FUSED, c)[0] == "applies")
+CASES, APPLIES = applicable(FUSED)
 
 
 def test_node_tests_cover_every_declared_op():

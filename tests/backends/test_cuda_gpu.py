@@ -13,7 +13,7 @@ import pytest
 
 import graphopt
 from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_ort, split_reference
-from graphopt._conformance import classify, node_cases, run_case
+from graphopt._conformance import applicable, run_case
 from graphopt._evaluate import generate, load_inputs
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
@@ -227,8 +227,7 @@ def test_rotary_kernel_matches_the_array_code(cp, kernels, layout, interleaved, 
 
 
 CUDA = CudaBackend(fused_attention=True)  # every op with device code, Attention and RotaryEmbedding too
-CASES = {c.name: c for c in node_cases()}
-APPLIES = sorted(n for n, c in CASES.items() if classify(CUDA, c)[0] == "applies")
+CASES, APPLIES = applicable(CUDA)
 
 
 @gpu
