@@ -132,7 +132,7 @@ class OrtCudaStepper:
     returns the outputs named in ``keep`` as device ``OrtValue`` objects, which later steps bind
     as inputs without a copy (how a serving loop keeps its KV cache on the GPU)."""
 
-    def __init__(self, model, threads: int | None = None, path: str | None = None):
+    def __init__(self, path: str, threads: int | None = None):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -144,9 +144,8 @@ class OrtCudaStepper:
         if threads:
             opts.intra_op_num_threads = threads
         self.ort = ort
-        # from the file when there is one: external data resolves beside it (and a >2 GB model has no bytes form)
-        source = str(path) if path else model.to_onnx().SerializeToString()
-        self.session = ort.InferenceSession(source, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        # from the file: external data resolves beside it (and a >2 GB model has no bytes form)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         if "CUDAExecutionProvider" not in self.session.get_providers():
             from graphopt._errors import GraphoptError
 
@@ -184,7 +183,7 @@ def _engine(cfg: dict, model):
                                                           optimization="all",
                                                           accuracy_level=cfg.get("ort_accuracy_level")))
     if engine == "onnxruntime-cuda":
-        return OrtCudaStepper(model, cfg.get("threads"), path=cfg["model"])
+        return OrtCudaStepper(cfg["model"], cfg.get("threads"))
     if engine == "cuda":
         from graphopt.backends.cuda import CudaBackend
 
@@ -198,7 +197,7 @@ def decode_loop(exe, model, feeds: dict, steps: int, static: bool = False):
     (kept in the engine's memory) and its greedy token as the next input. ``static``: after
     one untimed step on ``feeds``, fixed-size KV buffers (``graphopt._evaluate.StaticKV``), so
     every timed step has the same shapes and a CUDA graph can replay it."""
-    from graphopt._evaluate import StaticKV, _past_inputs, input_names
+    from graphopt._evaluate import StaticKV, _past_inputs, input_names, static_kv_slots
 
     pairs = _past_inputs(model)
     presents = frozenset(p for _, p in pairs)
@@ -206,7 +205,7 @@ def decode_loop(exe, model, feeds: dict, steps: int, static: bool = False):
     if static:
         out = exe.step(feeds, keep=presents)
         total = np.asarray(feeds["attention_mask"]).shape[1]
-        kv = StaticKV(pairs, -(-(total + steps + 2) // 64) * 64, getattr(exe, "copy_many", None))
+        kv = StaticKV(pairs, static_kv_slots(total, steps), getattr(exe, "copy_many", None))
         kv.start(out)
         token = int(np.argmax(out["logits"][0, -1]))
         names = set(input_names(model))

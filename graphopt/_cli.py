@@ -24,7 +24,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt._errors import GraphoptError
-from graphopt._evaluate import generate, load_inputs, verify
+from graphopt._evaluate import generate, load_inputs, static_kv_slots, verify
 from graphopt._inputs import InputSpec, build_inputs
 from graphopt._ir import Model, tensor_nbytes
 from graphopt._plugins import get_registry
@@ -327,7 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         target = CudaBackend(graphs=True)
     static = args.static_kv
     if static is None and args.cuda_graphs:  # fixed shapes are what a graph replays
-        static = -(-(len(_prompt(args.prompt_ids)) + args.max_new_tokens + 2) // 64) * 64
+        static = static_kv_slots(len(_prompt(args.prompt_ids)), args.max_new_tokens)
     tokens = generate(args.model, _prompt(args.prompt_ids), args.max_new_tokens, target,
                       eos_token_id=args.eos_token_id, static_kv=static)
     if args.json:

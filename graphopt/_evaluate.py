@@ -187,17 +187,24 @@ class StaticKV:
         self.length += 1
 
 
-def _static_agrees(exe: Executable, static_out: dict, past: dict, token: int, position: int, names: set[str],
-                   presents: frozenset[str]) -> bool:
-    """Runs the first fixed-shape decode step again with the growing cache; True when the logits agree."""
+def _growing_step(exe: Executable, static_out: dict, past: dict, token: int, position: int, names: set[str],
+                  presents: frozenset[str]) -> dict | None:
+    """Runs the first fixed-shape decode step again with the growing cache: None when the logits
+    agree, else that step's outputs (decoding goes on from them, without the static cache)."""
     feeds = {"input_ids": np.array([[token]], dtype=np.int64), **past,
              "attention_mask": np.ones((1, position + 1), dtype=np.int64)}
     if "position_ids" in names:
         feeds["position_ids"] = np.array([[position]], dtype=np.int64)
-    want = np.asarray(_to_host(exe.step(feeds, keep=presents)["logits"]))
+    out = exe.step(feeds, keep=presents)
+    want = np.asarray(_to_host(out["logits"]))
     got = np.asarray(_to_host(static_out["logits"]))
     scale = max(float(np.abs(want).max()), 1.0)
-    return got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3 * scale
+    return None if got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3 * scale else out
+
+
+def static_kv_slots(tokens: int, steps: int) -> int:
+    """A static KV capacity for ``tokens`` already in the cache and ``steps`` more (multiple of 64)."""
+    return -(-(tokens + steps + 2) // 64) * 64
 
 
 def _to_host(value: Any) -> np.ndarray:
@@ -253,16 +260,12 @@ def generate(model: Model | str | os.PathLike, prompt_ids: list[int], max_new_to
             if "position_ids" in names:
                 feeds["position_ids"] = np.arange(p, total, dtype=np.int64)[None, :]
         out = exe.step(feeds, keep=presents)
-        if static is not None and i == 1 and not _static_agrees(exe, out, past, step_ids[0], len(tokens) - 1,
-                                                                 names, presents):
-            logger.warning("static KV cache: the first fixed-shape step disagrees with a growing cache "
-                           "(a mask that depends on key positions, e.g. a sliding window); decoding without it")
-            static = None
-            feeds = {"input_ids": np.array([step_ids], dtype=np.int64), **past,
-                     "attention_mask": np.ones((1, len(tokens)), dtype=np.int64)}
-            if "position_ids" in names:
-                feeds["position_ids"] = np.array([[len(tokens) - 1]], dtype=np.int64)
-            out = exe.step(feeds, keep=presents)
+        if static is not None and i == 1:
+            growing = _growing_step(exe, out, past, step_ids[0], len(tokens) - 1, names, presents)
+            if growing is not None:
+                logger.warning("static KV cache: the first fixed-shape step disagrees with a growing cache "
+                               "(a mask that depends on key positions, e.g. a sliding window); decoding without it")
+                static, out = None, growing
         token = int(np.argmax(out["logits"][0, -1]))
         new.append(token)
         tokens.append(token)
