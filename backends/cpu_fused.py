@@ -539,8 +539,11 @@ def _const_values(t: gs.Constant) -> np.ndarray:
     return v.load() if isinstance(v, LazyValues) else np.asarray(v)
 
 
-def fuse_dequant_matmul(model: Model) -> int:
+def fuse_dequant_matmul(model: Model, pack: bool = True) -> int:
     """``DequantizeLinear(W const) -> MatMul(X, .)`` / ``Gather(., ids)`` become DequantMatMul / DequantGather.
+
+    ``pack``: 4-bit weights are stored two columns per byte (the cpu kernel's layout); without
+    it they stay the raw constant (``bits`` 0), for a backend that lays them out itself.
 
     Only fires when every consumer of the dequantized weight is a MatMul reading it as
     its second input or a Gather (axis 0) reading it as data, and the weight is not a
@@ -588,7 +591,7 @@ def fuse_dequant_matmul(model: Model) -> int:
         out_t = int(dq.attrs.get("output_dtype", 0) or 0)
         out_dtype = _np_dtype(out_t) if out_t else sv.dtype
         bits, signed = _SUBBYTE.get(name, (0, name.startswith("int")))
-        if bits == 4:
+        if bits == 4 and pack:
             if id(w) not in packed_cache:
                 packed_cache[id(w)] = gs.Constant(f"{w.name}__packed4", _pack4(wv))
             stored = packed_cache[id(w)]

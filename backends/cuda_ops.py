@@ -23,6 +23,7 @@ import onnx
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends.cpu import INTERNAL_DOMAIN
 from graphopt.backends.cpu_kernels import KNode, _axes_from, clip_kernel, cumsum_kernel, slice_index
+from graphopt.backends.cpu_fused import _as_int
 
 Factory = Callable[[KNode, "Device"], Callable[..., Any]]
 
@@ -665,38 +666,17 @@ def _cumsum(n: KNode, d: Device):
 
 
 # ------------------------------------------------------------------ quantized weights
-def _as_codes(x: np.ndarray) -> np.ndarray:
-    """int4/uint4 (ml_dtypes) or int8/uint8 values as int8/uint8 numpy arrays."""
-    name = x.dtype.name
-    if name in ("int4", "uint4"):
-        return x.astype(np.int8 if name == "int4" else np.uint8)
-    return np.asarray(x)
-
-
-def _unpack_stored(wq: np.ndarray, bits: int, signed: bool, n: int) -> np.ndarray:
-    """The cpu rewrite's stored weight (4-bit: two columns per byte) as int8/uint8 ``[K, N]``."""
-    if bits != 4:
-        return _as_codes(wq)
-    lo, hi = wq & 0xF, wq >> 4
-    both = np.empty((wq.shape[0], 2 * wq.shape[1]), np.uint8)
-    both[:, 0::2], both[:, 1::2] = lo, hi
-    codes = both[:, :n]
-    if signed:
-        codes = ((codes ^ 8).astype(np.int8) - 8).astype(np.int8)
-    return codes
-
-
 def gemv_weight(wq: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs: dict, xp: Any,
                 transposed: bool = False) -> ck.GemvWeight | None:
     """A ``DequantMatMul``'s constant operands in the GEMV layout, or None when its layout
     (blocks along the output axis) is not one the kernel reads."""
-    axis, block, bits = int(attrs.get("axis", 0)), int(attrs.get("block_size", 0)), int(attrs.get("bits", 0))
-    signed, n = bool(attrs.get("signed", 1)), int(attrs["n"])
-    raw = np.asarray(wq)
-    four = bits == 4 or raw.dtype.name in ("int4", "uint4")  # a raw 4-bit constant (tied weights) stays 4-bit
-    codes = _unpack_stored(raw, bits, signed, n)  # [K, N] as stored (or [N, K] transposed)
+    axis, block = int(attrs.get("axis", 0)), int(attrs.get("block_size", 0))
+    raw = np.asarray(wq)  # the raw constant (the cpu rewrite runs with pack=False for this backend)
+    four = raw.dtype.name in ("int4", "uint4")  # 4-bit codes stay 4-bit on the device
+    codes = _as_int(raw)  # [K, N] as stored (or [N, K] transposed)
+    signed = codes.dtype == np.int8
     s = np.asarray(scale, np.float32)
-    z = _as_codes(np.asarray(zp)).astype(np.float32) if zp is not None else None
+    z = _as_int(np.asarray(zp)).astype(np.float32) if zp is not None else None
     if transposed:  # the weight is W^T: [N, K] with blocks along K (axis 1)
         codes = codes.T
         axis = 1 - axis

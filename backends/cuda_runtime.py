@@ -53,7 +53,7 @@ from graphopt._ir import Model
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
 from graphopt.backends.cpu import INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, invoke, plan_frees, store
-from graphopt.backends.cpu_fused import _const_values, fuse_dequant_matmul
+from graphopt.backends.cpu_fused import _as_int, _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
 from graphopt.backends.cuda_fusion import _is_f32, fuse_elementwise
 from graphopt.backends.cuda_kernels import GemvWeight
@@ -249,11 +249,8 @@ def _quant_weight(node: gs.Node, device: Device) -> GemvWeight:
         wq, scale, zp = ins[0], ins[1], ins[2] if len(ins) > 2 else None
     zv = _const_values(zp) if zp is not None and zp.name else None
     attrs = dict(node.attrs)
-    transposed = bool(attrs.get("transposed", 0))
-    if transposed:  # raw DequantizeLinear operands: bits from the dtype, no cpu packing
-        attrs = {**attrs, "bits": 0, "signed": int(_const_values(wq).dtype.name in ("int4", "int8"))}
-    elif node.op == "DequantGather":  # a gather reads rows of W [V, H]: columns of W^T
-        transposed = True
+    # a tied matrix read transposed by the LM head, or a gather reading rows of W [V, H]: columns of W^T
+    transposed = bool(attrs.get("transposed", 0)) or node.op == "DequantGather"
     w = cuda_ops.gemv_weight(_const_values(wq), _const_values(scale), zv, attrs, device.xp, transposed=transposed)
     if w is None:
         raise BackendError(f"cuda: node {node.name!r} ({node.op}): quantization blocks along the output axis are "
@@ -784,7 +781,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
     if problems:
         raise BackendError(f"cuda cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
                            (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
-    rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work), "dequant_matmul": fuse_dequant_matmul(work)}
+    rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work), "dequant_matmul": fuse_dequant_matmul(work, pack=False)}
     rewrites["dequant_epilogues"] = _fold_epilogues(work)
     graph = work.graph
     graph.toposort()
@@ -818,7 +815,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         if slot(name) not in constants:
             values = _contiguous(values)
             if for_device and values.dtype.name in ("int4", "uint4"):  # CuPy has no 4-bit dtype
-                values = cuda_ops._as_codes(values)
+                values = _as_int(values)
             if k_major:
                 constants[slot(name)] = upload(np.ascontiguousarray(values.T)).T
             else:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt._errors import GraphoptError
-from graphopt._ir import Model
+from graphopt._ir import Model, array_view
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.passes._blockquant import pack_int4
 
@@ -35,8 +35,9 @@ _CODE_TYPES = {"int4": (4, True), "uint4": (4, False), "int8": (8, True), "uint8
 
 
 def _codes(t: gs.Constant) -> tuple[np.ndarray, int, bool] | None:
-    """The codes as int8/uint8 numbers, their bits and signedness (None: not a 4/8-bit weight)."""
-    values = np.asarray(t.values)
+    """The codes as int8/uint8 numbers, their bits and signedness (None: not a 4/8-bit weight).
+    Read without replacing the constant's stored (packed) values, which the QDQ form may still use."""
+    values = array_view(t)
     kind = _CODE_TYPES.get(values.dtype.name)
     if kind is None or values.ndim != 2:
         return None
@@ -138,7 +139,7 @@ class MatMulNBitsFormat(Pass):
         if got is None or axis % 2 != (1 if transposed else 0):
             return None
         codes, bits, signed = got
-        scales = np.asarray(scale_t.values)
+        scales = array_view(scale_t)
         if scales.dtype != np.float32 or a.dtype is None or np.dtype(a.dtype) != np.float32:
             return None  # MatMulNBits' scales have A's type
         zeros = _codes(zero_t)[0] if zero_t is not None else None
