@@ -306,7 +306,8 @@ def attention_kernel(n: KNode, xp, concat: Callable | None = None) -> Kernel:
         probs = _softmax_rows(scores.astype(sp_dtype) if sp_dtype is not None else scores, xp)
         if bias is not None:  # fully-masked rows (bias all -inf) give zeros, whatever the scores
             dead = xp.max(bias, axis=-1, keepdims=True) == -np.inf
-            probs = xp.where(dead, probs.dtype.type(0), probs)
+            if xp is not np or dead.any():  # on a device, no host read (a CUDA graph captures it)
+                probs = xp.where(dead, probs.dtype.type(0), probs)
         if want_qk and mode == 3:
             qk_out = probs
         y = xp.matmul(probs.astype(cd, copy=False).reshape(b, hkv, g * sq, t),

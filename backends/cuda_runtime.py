@@ -39,7 +39,6 @@ have kernels of their own) is found by trying and runs between two graphs
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +69,6 @@ SIGNATURE_CACHE = 8
 MAX_EAGER_STEPS = 16
 #: Extra KV-cache capacity (tokens) allocated when an in-place append buffer must grow.
 KV_GROW = 256
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 CONST, STATIC, DYNAMIC = 0, 1, 2
 #: How a step reads one input: as it is; downloaded (a device value the host needs); a static
@@ -758,17 +755,19 @@ def _fold_constants(model: Model, classes: dict[str, int]) -> int:
 
 
 def _kv_kind(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> str:
-    """"concat": ``Concat(past_key_values.*, new)`` along the sequence axis giving a ``present``
-    output; "attention": ``Attention`` with past key/value inputs and present outputs of the graph."""
+    """"concat": ``Concat(past, new)`` along the sequence axis of a rank-4 graph input, giving a
+    graph output (a KV cache, whatever its names); "attention": ``Attention`` with past key/value
+    graph inputs and present graph outputs. Appending in place is safe for any such step: it
+    only happens when the past is the latest view of the step's own buffer."""
     if node.op == "Concat" and len(node.inputs) == 2 and node.outputs[0].name in graph_outputs:
         past = node.inputs[0]
         axis = int(node.attrs.get("axis", 0))
         rank = len(past.shape) if past.shape is not None else 4
-        if past.name in graph_inputs and _PAST.match(past.name) and rank == 4 and axis % 4 == 2:
+        if past.name in graph_inputs and rank == 4 and axis % 4 == 2:
             return "concat"
     if node.op == "Attention" and not node.domain and len(node.inputs) >= 6 and len(node.outputs) >= 3:
         pasts, presents = node.inputs[4:6], node.outputs[1:3]
-        if all(t.name in graph_inputs and _PAST.match(t.name) for t in pasts) and \
+        if all(t.name in graph_inputs for t in pasts) and \
                 all(t.name in graph_outputs for t in presents):
             return "attention"
     return ""
