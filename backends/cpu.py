@@ -169,13 +169,18 @@ class CpuBackend(Backend):
     def compile(self, model: Model) -> CpuExecutable:
         reuse_freed_memory()
         work = model.copy()
-        problems = [f"{n.name or '<unnamed>'} ({n.op}): {reason}"
-                    for n in work.graph.nodes if (reason := self.check(n, work)) is not None]
-        if problems:
-            raise BackendError(f"cpu cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
-                               (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
+        check_nodes("cpu", work, self.check)
         rewrites = {fn.__name__: fn(work) for fn in COMPILE_REWRITES}
         return _schedule(work, rewrites)
+
+
+def check_nodes(backend: str, model: Model, check: Callable[[gs.Node, Model], str | None]) -> None:
+    """Refuses a model with nodes ``check`` rejects, naming (up to ten of) them and why."""
+    problems = [f"{n.name or '<unnamed>'} ({n.op}): {reason}"
+                for n in model.graph.nodes if (reason := check(n, model)) is not None]
+    if problems:
+        raise BackendError(f"{backend} cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
+                           (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
 
 
 def _knode(node: gs.Node, model: Model) -> KNode:

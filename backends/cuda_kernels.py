@@ -480,6 +480,11 @@ def dq_kernel_names() -> list[str]:
             for z in ("z", "")]
 
 
+def kernel_names(module: str) -> list[str]:
+    """The entry points of one of :data:`SOURCES` (most hold one kernel named like the module)."""
+    return {"dq": dq_kernel_names(), "mm": list(MM_KERNELS)}.get(module, [module])
+
+
 # ------------------------------------------------------------------ batched copies
 def pointer(a: Any) -> int:
     return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
@@ -653,15 +658,9 @@ class Kernels:
 
     def warm(self) -> None:
         """Compile and load everything now (before a CUDA-graph capture, or to time compilation)."""
-        self._fn("rms_norm", "rms_norm")
-        self._fn("softmax_rows", "softmax_rows")
-        self._fn("attn_decode", "attn_decode")
-        self._fn("rotary", "rotary")
-        for name in dq_kernel_names():
-            self._fn("dq", name)
-        for name in MM_KERNELS:
-            self._fn("mm", name)
-        self._fn("multi_copy", "multi_copy")
+        for module in SOURCES:
+            for name in kernel_names(module):
+                self._fn(module, name)
 
     def _rows(self, name: str, x: Any, *extra: Any) -> Any:
         """Launches a row kernel (one block per row of the last axis) on float32 ``x``."""
@@ -749,8 +748,8 @@ class Kernels:
                 np.int32(m), np.int32(x2.shape[1]), np.int32(n), np.int64(ldw)))
         return y
 
-    def multi_copy(self, table: np.ndarray, stream: Any = None) -> None:
-        """Runs the copies of ``table`` (:func:`copy_rows`) in one launch."""
+    def multi_copy(self, table: np.ndarray) -> None:
+        """Runs the copies of ``table`` (rows of :func:`copy_row`) in one launch, on the current stream."""
         if not len(table):
             return
         cp = self.cp

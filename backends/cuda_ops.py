@@ -22,8 +22,8 @@ import onnx
 
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends.cpu import INTERNAL_DOMAIN
-from graphopt.backends.cpu_kernels import KNode, _axes_from, clip_kernel, cumsum_kernel, slice_index
-from graphopt.backends.cpu_fused import _as_int
+from graphopt.backends.cpu_kernels import KNode, _axes_from, _identity_of, clip_kernel, cumsum_kernel, slice_index
+from graphopt.backends.cpu_fused import _as_int, _np_dtype
 
 Factory = Callable[[KNode, "Device"], Callable[..., Any]]
 
@@ -72,17 +72,13 @@ def _ints(v) -> list[int]:
     return [int(i) for i in np.asarray(v).reshape(-1)]
 
 
-def _np_dtype(onnx_type: int) -> np.dtype:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(onnx_type)))
-
-
 # ------------------------------------------------------------------ elementwise
-def _erf(xp, x):
+def _erf(xp) -> Callable[[Any], Any]:
     if xp is np:  # numpy has no erf: Abramowitz-Stegun 7.1.26 is too coarse; use the cpu kernel's fit
         from graphopt.backends.cpu_kernels import _erf as cpu_erf
-        return cpu_erf(x)
+        return cpu_erf
     from cupyx.scipy.special import erf
-    return erf(x).astype(x.dtype, copy=False)
+    return lambda x: erf(x).astype(x.dtype, copy=False)
 
 
 _UNARY = {"Neg": "negative", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sin": "sin", "Cos": "cos",
@@ -102,7 +98,7 @@ for _op, _name in _UNARY.items():
 
 @device_op("Erf")
 def _erf_op(n: KNode, d: Device):
-    return lambda x: _erf(d.xp, x)
+    return _erf(d.xp)
 
 
 @device_op("Sigmoid")
@@ -260,13 +256,7 @@ def _empty_extreme(xp, x, ax, keep: bool, is_max: bool):
     axes = range(x.ndim) if ax is None else [a % x.ndim for a in ax]
     shape = [1 if i in axes else s for i, s in enumerate(x.shape)] if keep else \
         [s for i, s in enumerate(x.shape) if i not in axes]
-    if x.dtype == np.bool_:
-        fill = not is_max
-    elif x.dtype.kind == "f":
-        fill = -np.inf if is_max else np.inf
-    else:
-        fill = np.iinfo(x.dtype).min if is_max else np.iinfo(x.dtype).max
-    return xp.full(shape, fill, dtype=x.dtype)
+    return xp.full(shape, _identity_of(np.max if is_max else np.min, x.dtype), dtype=x.dtype)
 
 
 device_op("ReduceSum", since=13)(_reduce("sum", 13))
@@ -304,8 +294,6 @@ def _softmax(n: KNode, d: Device):
         m = xp.max(x, axis=ax, keepdims=True)
         if log:
             return (x - m - xp.log(xp.sum(xp.exp(x - m), axis=ax, keepdims=True))).astype(x.dtype, copy=False)
-        if ax == x.ndim - 1 and x.dtype == np.float32:
-            return ck.softmax_twin(x, xp)
         e = xp.exp(x - m)
         return (e / xp.sum(e, axis=ax, keepdims=True)).astype(x.dtype, copy=False)
     return run
@@ -323,15 +311,27 @@ def _matmul(n: KNode, d: Device):
         k = d.kernels
         if k is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2:
             return xp.matmul(a, b)
-        rows = math.prod(a.shape[:-1])
-        if b.ndim == 2 and b.strides[0] == 4 and 0 < rows <= ck.GEMV_MAX_ROWS and b.shape[0] > 0:
-            x2 = xp.ascontiguousarray(a.reshape(rows, a.shape[-1]))
-            return k.gemv_f32(x2, b, b.strides[1] // 4, b.shape[1]).reshape(a.shape[:-1] + (b.shape[1],))
+        y = _gemv_f32(a, b, d)
+        if y is not None:
+            return y
         batch = math.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
         if batch * a.shape[-2] * a.shape[-1] * b.shape[-1] <= ck.MM_SMALL_MACS:
             return k.mm_small(a, b)
         return xp.matmul(a, b)
     return run
+
+
+def _gemv_f32(x: Any, w: Any, d: Device, bias: Any = None, resid: Any = None) -> Any | None:
+    """``x @ w (+ bias [n]) (+ resid)`` by the float32 GEMV kernel when it applies (a GPU, float32,
+    <= GEMV_MAX_ROWS rows, ``w`` 2-D and k-contiguous), else None."""
+    rows = math.prod(x.shape[:-1])
+    if not (d.kernels is not None and x.dtype == w.dtype == np.float32 and w.ndim == 2 and w.strides[0] == 4
+            and 0 < rows <= ck.GEMV_MAX_ROWS and w.shape[0] > 0):
+        return None
+    xp, n = d.xp, w.shape[1]
+    x2 = xp.ascontiguousarray(x.reshape(rows, x.shape[-1]))
+    r2 = xp.ascontiguousarray(resid.reshape(rows, n), dtype=xp.float32) if resid is not None else None
+    return d.kernels.gemv_f32(x2, w, w.strides[1] // 4, n, bias, r2).reshape(x.shape[:-1] + (n,))
 
 
 @device_op("Gemm", since=13)
@@ -759,7 +759,7 @@ def _dequantize_linear(n: KNode, d: Device):
 def _dequant_matmul(n: KNode, d: Device):
     # the runtime passes the prepared GemvWeight (built once at compile) as the second input, then
     # the epilogue's operands (attribute "epilogue": "", "bias", "resid" or "bias,resid")
-    parts = [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
+    parts = _epilogue(n)
     out_dtype = _out_dtype(n)
 
     def run(x, w, *extra):
@@ -772,7 +772,7 @@ def _dequant_matmul(n: KNode, d: Device):
 def _matmul_epilogue(n: KNode, d: Device):
     # (x, W, extras): a float32 MatMul on a constant W (stored k-contiguous) whose bias / residual Adds
     # were folded in (attribute "epilogue": "bias", "resid" or both, in input order)
-    parts = [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
+    parts = _epilogue(n)
     width = int(n.attr("n"))
     xp = d.xp
     matmul = _matmul(n, d)
@@ -780,14 +780,10 @@ def _matmul_epilogue(n: KNode, d: Device):
     def run(x, w, *extra):
         ops = dict(zip(parts, extra))
         bias, resid = ops.get("bias"), ops.get("resid")
-        rows = math.prod(x.shape[:-1])
         b1 = xp.ascontiguousarray(bias.reshape(width), dtype=xp.float32) if bias is not None else None
-        if (d.kernels is not None and x.dtype == w.dtype == np.float32 and w.ndim == 2 and w.strides[0] == 4
-                and 0 < rows <= ck.GEMV_MAX_ROWS and w.shape[0] > 0):
-            x2 = xp.ascontiguousarray(x.reshape(rows, x.shape[-1]))
-            r2 = xp.ascontiguousarray(resid.reshape(rows, width), dtype=xp.float32) if resid is not None else None
-            y = d.kernels.gemv_f32(x2, w, w.strides[1] // 4, width, b1, r2)
-            return y.reshape(x.shape[:-1] + (width,))
+        y = _gemv_f32(x, w, d, b1, resid)
+        if y is not None:
+            return y
         y = matmul(x, w)
         if b1 is not None:
             y = y + b1
@@ -795,6 +791,11 @@ def _matmul_epilogue(n: KNode, d: Device):
             y = y + resid.reshape(y.shape)
         return y
     return run
+
+
+def _epilogue(n: KNode) -> list[str]:
+    """The operands a fused matmul's epilogue adds, in input order ("bias", "resid")."""
+    return [p for p in str(n.attr("epilogue", "") or "").split(",") if p]
 
 
 def _out_dtype(n: KNode) -> np.dtype:

@@ -51,7 +51,8 @@ from graphopt._errors import BackendError
 from graphopt._ir import Model
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
-from graphopt.backends.cpu import INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, invoke, plan_frees, store
+from graphopt.backends.cpu import (INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, check_nodes, invoke, plan_frees,
+                                   store)
 from graphopt.backends.cpu_fused import _as_int, _const_values, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
 from graphopt.backends.cuda_fusion import _is_f32, fuse_elementwise
@@ -84,7 +85,6 @@ class Step:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     host: bool
-    params: frozenset[int] = frozenset()  # input positions read on the host
     free: tuple[int, ...] = ()
     kv: str = ""  # "concat": a KV-cache Concat; "attention": an Attention reading past_key/past_value
     actions: tuple[int, ...] = ()
@@ -97,7 +97,6 @@ class _Signature:
 
     values: dict[int, Any] = field(default_factory=dict)  # static slot -> its device copy
     params: dict[int, Any] = field(default_factory=dict)  # static slot -> host value read as a parameter
-    seen: int = 1
     graph: Any = None  # the captured plan (CUDA graphs and eager steps) and its buffers
     uncapturable: str | None = None
     eager: set[int] = field(default_factory=set)  # device steps that broke a capture: run between graphs
@@ -271,6 +270,9 @@ class CudaExecutable(SlotExecutable):
         self.stats = {"host_steps_run": 0, "device_steps_run": 0, "kv_in_place": 0, "kv_copied": 0,
                       "downloads": 0, "graph_replays": 0, "graph_captures": 0, "graph_eager_steps": 0}
         self.capture_problems: list[str] = []  # why a step was not (or only partly) captured
+        out_slots = sorted(set(outputs.values()))
+        self._static_out = [i for i in out_slots if classes[i] == STATIC]  # shape-only graph outputs
+        self._device_out = [i for i in out_slots if classes[i] != STATIC]
         self._copy_layouts: dict[tuple, tuple | None] = {}  # copy_many's plans by (shape, strides, dtype)
         self._graphs = _EmulatedCapture(self) if device.emulated else _StreamCapture(device.xp, self._stream)
         self._plain_kv = False  # KV appends as plain concatenations (CUDA-graph warm-up and capture)
@@ -314,16 +316,14 @@ class CudaExecutable(SlotExecutable):
         sig = self._signatures.get(key)
         if sig is not None:
             self._signatures.move_to_end(key)
-            sig.seen += 1
             if self.graphs and sig.uncapturable is None:
                 return self._replay(sig, feeds)
         env = self._feed(feeds)
         if sig is None:
             sig = _Signature()
             self._walk(env, sig, run_host=True)
-            for slot in self.output_slots.values():
-                if self.classes[slot] == STATIC:
-                    sig.params[slot] = env[slot]
+            for slot in self._static_out:
+                sig.params[slot] = env[slot]
             self._signatures[key] = sig
             while len(self._signatures) > SIGNATURE_CACHE:
                 _, old = self._signatures.popitem(last=False)
@@ -343,9 +343,8 @@ class CudaExecutable(SlotExecutable):
 
     def _static_outputs(self, env: list[Any], sig: _Signature) -> list[Any]:
         """Graph outputs computed from shapes alone come from the signature's record."""
-        for slot in self.output_slots.values():
-            if self.classes[slot] == STATIC:
-                env[slot] = sig.params[slot]
+        for slot in self._static_out:
+            env[slot] = sig.params[slot]
         return env
 
     def _on_device(self, value: Any) -> bool:
@@ -415,7 +414,7 @@ class CudaExecutable(SlotExecutable):
             buf, committed = held
             if (past.base is buf and committed == length and buf.shape[2] >= length + add
                     and buf.shape[:2] == past.shape[:2] and buf.shape[3] == past.shape[3]
-                    and _same_start(past, buf, xp)):
+                    and ck.pointer(past) == ck.pointer(buf)):
                 buf[:, :, length:length + add] = new
                 self._kv_buffers[index] = (buf, length + add)
                 self.stats["kv_in_place"] += 1
@@ -477,8 +476,8 @@ class CudaExecutable(SlotExecutable):
         # and arrays of the private pool must not outlive it.
         result = list(env)
         moves = []
-        for i in set(self.output_slots.values()):
-            if env[i] is not None and self.classes[i] != STATIC:
+        for i in self._device_out:
+            if env[i] is not None:
                 result[i] = self.device.xp.empty(env[i].shape, env[i].dtype)
                 moves.append((result[i], env[i]))
         self.copy_many(moves)
@@ -679,12 +678,6 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
-def _same_start(view: Any, buf: Any, xp: Any) -> bool:
-    if xp is np:
-        return view.__array_interface__["data"][0] == buf.__array_interface__["data"][0]
-    return view.data.ptr == buf.data.ptr
-
-
 # ------------------------------------------------------------------ compile
 def _classify(graph: gs.Graph, inputs: set[str]) -> dict[str, int]:
     cls: dict[str, int] = {}
@@ -775,12 +768,9 @@ def _kv_kind(node: gs.Node, graph_inputs: set[str], graph_outputs: set[str]) -> 
 
 def compile_model(model: Model, device: Device, check, graphs: bool = False, fuse: bool = True) -> CudaExecutable:
     work = model.copy()
-    problems = [f"{n.name or '<unnamed>'} ({n.op}): {reason}"
-                for n in work.graph.nodes if (reason := check(n, work)) is not None]
-    if problems:
-        raise BackendError(f"cuda cannot run {len(problems)} node(s): " + "; ".join(problems[:10]) +
-                           (f"; … (+{len(problems) - 10})" if len(problems) > 10 else ""))
-    rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work), "dequant_matmul": fuse_dequant_matmul(work, pack=False)}
+    check_nodes("cuda", work, check)
+    rewrites = {"tied_dequant_matmul": _fold_transposed_dequant(work),
+                "dequant_matmul": fuse_dequant_matmul(work, pack=False)}
     rewrites["dequant_epilogues"] = _fold_epilogues(work)
     graph = work.graph
     graph.toposort()
@@ -808,11 +798,10 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         a float32 matrix a MatMul multiplies by, stored transposed (each column's K values
         contiguous: what the GEMV kernel reads) and handed out as the transposed view of that."""
         nonlocal weight_bytes
-        values = _const_values(t)
-        k_major = k_major and for_device and values.ndim == 2 and values.dtype == np.float32
+        k_major = k_major and for_device and len(t.shape) == 2 and np.dtype(t.dtype) == np.float32
         name = (f"{t.name}@device" + ("T" if k_major else "")) if for_device else t.name
-        if slot(name) not in constants:
-            values = _contiguous(values)
+        if slot(name) not in constants:  # loaded once, however many nodes read it
+            values = _contiguous(_const_values(t))
             if for_device and values.dtype.name in ("int4", "uint4"):  # CuPy has no 4-bit dtype
                 values = _as_int(values)
             if k_major:
@@ -831,12 +820,12 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         host = shape_op or (bool(node.outputs) and classes.get(node.outputs[0].name, DYNAMIC) == STATIC)
         names: list[str] = []
         actions: list[int] = []
+        kv = ""
         if host:
             spec = find_kernel(node.op, domain, op_version(node.op, domain, work.opset(domain)))
             if spec is None:
                 raise BackendError(f"cuda: no host kernel for {node.op} (node {node.name!r})")
             fn = spec.factory(knode)
-            params: frozenset[int] = frozenset()
             for t in node.inputs:
                 name = constant_slot(t, False) if isinstance(t, gs.Constant) else t.name
                 names.append(name)
@@ -845,7 +834,8 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
             op = cuda_ops.DEVICE_OPS.get((domain, node.op))
             if op is None:
                 raise BackendError(f"cuda: no device kernel for {node.op} (node {node.name!r})")
-            fn = op.factory(knode, device)
+            kv = _kv_kind(node, graph_inputs, outputs_names)
+            fn = None if kv else op.factory(knode, device)  # KV steps get their function from the executable
             params = PARAMS.get(node.op, frozenset())
             ins = list(node.inputs)
             def device_input(pos: int, t: gs.Tensor) -> None:
@@ -889,9 +879,8 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         for t in node.outputs:
             if t.name:
                 on_device[t.name] = not host
-        kv = "" if host else _kv_kind(node, graph_inputs, outputs_names)
         steps.append(Step(node.name, node.op, fn, tuple(slot(n) if n else -1 for n in names),
-                          tuple(slot(t.name) if t.name else -1 for t in node.outputs), host, params,
+                          tuple(slot(t.name) if t.name else -1 for t in node.outputs), host,
                           kv=kv, actions=tuple(actions), knode=knode))
     for t in graph.outputs:  # a graph output that is a constant
         if isinstance(t, gs.Constant):

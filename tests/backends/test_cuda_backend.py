@@ -213,9 +213,9 @@ def test_table_is_built_from_the_device_implementations():
 
 
 def test_kernel_sources_name_every_launch():
-    src = ck.SOURCES["dq"]
-    for name in ck.dq_kernel_names():
-        assert f'extern "C" __global__ void {name}(' in src
+    for module, src in ck.SOURCES.items():
+        for name in ck.kernel_names(module):
+            assert f'extern "C" __global__ void {name}(' in src or f"GEMV_F32({name[-1]})" in src, name
 
 
 def test_bench_worker_runs_a_device_resident_decode_loop():

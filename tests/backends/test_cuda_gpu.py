@@ -46,7 +46,7 @@ def test_kernel_source_compiles_for_hopper(name):
         pytest.fail(nvrtc.getProgramLog(prog))
     ptx = nvrtc.getPTX(prog)
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
-    for kernel in {"dq": ck.dq_kernel_names(), "mm": ck.MM_KERNELS}.get(name, [name]):
+    for kernel in ck.kernel_names(name):
         assert f".entry {kernel}(" in text
 
 
