@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends.cpu import INTERNAL_DOMAIN

@@ -373,11 +373,12 @@ def child_profile(p: dict) -> dict:
         cum[key] = max(cum.get(key, 0.0), v[3])
     watch = {  # the parts of the quantize pass and of the pipeline around it (cumulative seconds)
         "graphopt.load": "_ir.py:load", "optimize (all passes + legalize)": "_api.py:optimize",
-        "quantize pass": "quantize.py:run", "  quantize_blocks (scales, round, clip, search)":
-        "quantize.py:quantize_blocks", "    _stats (per-weight error figure)": "quantize.py:_stats",
-        "    error_stats (per-weight error figure)": "quantize.py:error_stats",
-        "  _tensor (int4 packing, onnx _pack_4bitx2)": "quantize.py:_tensor",
+        "quantize pass": "quantize.py:run",
+        "  _compute (per weight; pool threads are not profiled)": "quantize.py:_compute",
+        "    quantize_matrix (scales, round, clip, search, pack)": "_blockquant.py:quantize_matrix",
+        "    gptq_matrix": "_gptq.py:gptq_matrix",
         "  _importance (activation statistics run)": "quantize.py:_importance",
+        "  _calibrate (gptq calibration runs)": "quantize.py:_calibrate",
         "  ensure_opset (upgrade to 21)": "_opset.py:ensure_opset", "tie-embedding-dedupe": "tie_embedding.py:run",
         "Model.save": "_ir.py:save", "  to_onnx (export)": "_ir.py:to_onnx",
         "  _write_external (external data)": "_ir.py:_write_external",

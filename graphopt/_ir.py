@@ -34,7 +34,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from graphopt._errors import ModelLoadError, ModelSaveError
-from graphopt._wire import load_lazily
+from graphopt._wire import _GRAPH_INITIALIZER, _MODEL_GRAPH, _TENSOR_RAW_DATA, load_lazily
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,6 @@ ALIGNMENT = 4096
 _COPY_CHUNK = 64 * 2**20
 #: Files at least this large are read without copying their inline weights (see _wire.py).
 LAZY_LOAD_BYTES = 64 * 2**20
-# numpy scalar types whose arrays are an ONNX tensor's raw_data byte for byte.
-_NUMPY_TYPES = {np.dtype(d).type: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d)) for d in (
-    "float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")}
 
 # onnx dtypes a numpy memmap can represent byte-for-byte.
 _MEMMAPPABLE = {
@@ -60,6 +57,8 @@ _MEMMAPPABLE = {
     TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
     TensorProto.BOOL,
 }
+# numpy scalar types whose arrays are an ONNX tensor's raw_data byte for byte.
+_NUMPY_TYPES = {onnx.helper.tensor_dtype_to_np_dtype(t).type: t for t in _MEMMAPPABLE}
 
 
 def array_view(t: gs.Constant) -> np.ndarray:
@@ -396,8 +395,8 @@ class Model:
                 if uses_external_data(tp) or not tp.HasField("raw_data") or tensor_nbytes(tp) < EXTERNAL_MIN_BYTES:
                     continue
                 payload, dims, data_type = tp.raw_data, list(tp.dims), tp.data_type
-            elif isinstance(v, np.ndarray) and v.dtype.kind in "biuf" and v.dtype.isnative and \
-                    v.nbytes >= EXTERNAL_MIN_BYTES and v.dtype.type in _NUMPY_TYPES:
+            elif isinstance(v, np.ndarray) and v.dtype.type in _NUMPY_TYPES and v.dtype.isnative and \
+                    v.nbytes >= EXTERNAL_MIN_BYTES:
                 payload, dims, data_type = np.ascontiguousarray(v), list(v.shape), _NUMPY_TYPES[v.dtype.type]
             else:
                 continue
@@ -526,7 +525,7 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
             if uses_external_data(t):
                 raise ModelSaveError(f"tensor {t.name!r} refers to external data graphopt did not load")
             data = t.SerializeToString()
-            pieces.append(_key(5) + _varint(len(data)) + data)
+            pieces.append(_key(_GRAPH_INITIALIZER) + _varint(len(data)) + data)
             continue
         header = TensorProto()
         header.CopyFrom(t)
@@ -534,10 +533,10 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
         header.ClearField("data_location")
         data = header.SerializeToString()
         n = _payload_length(src)
-        raw_head = _key(9) + _varint(n)
-        pieces += [_key(5) + _varint(len(data) + len(raw_head) + n) + data + raw_head, src]
+        raw_head = _key(_TENSOR_RAW_DATA) + _varint(n)
+        pieces += [_key(_GRAPH_INITIALIZER) + _varint(len(data) + len(raw_head) + n) + data + raw_head, src]
     size = sum(len(p) if isinstance(p, bytes) else _payload_length(p) for p in pieces)
-    out.write(head.SerializeToString() + _key(7) + _varint(size))
+    out.write(head.SerializeToString() + _key(_MODEL_GRAPH) + _varint(size))
     for p in pieces:
         if isinstance(p, bytes):
             out.write(p)

@@ -250,6 +250,14 @@ def _tile_error(xb, q, sc, z) -> tuple[float, float]:
     return float(np.dot(d, d)), float(np.dot(x, x))
 
 
+def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int) -> np.ndarray:
+    """float32 ``(codes − zero) · scale`` of codes ``[K, N]`` with ``[ceil(K/block), N]`` scales (and zero points)."""
+    k = codes.shape[0]
+    s = np.repeat(scales.astype(np.float32), block, axis=0)[:k]
+    z = np.repeat(zeros.astype(np.float32), block, axis=0)[:k] if zeros is not None else 0.0
+    return (codes.astype(np.float32) - z) * s
+
+
 def pack_int4(codes: np.ndarray) -> np.ndarray:
     """ONNX INT4/UINT4 layout of ``codes`` (int8/uint8 holding 4-bit values): element 2i in
     the low nibble and 2i+1 in the high nibble of byte i, in row-major order; flat uint8."""

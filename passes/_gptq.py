@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.passes._blockquant import QuantSpec, Quantized, _asymmetric, _search_symmetric
+from graphopt.passes._blockquant import QuantSpec, Quantized, _asymmetric, _search_symmetric, dequantize_blocks
 
 #: Rows updated together before the error is pushed to the remaining rows by one matmul.
 LAZY = 128
@@ -106,11 +106,7 @@ def gptq_matrix(w: np.ndarray, hessian: np.ndarray, spec: QuantSpec, damp: float
         if r1 < k:
             work[r1:] -= u[r0:r1, r1:].T @ err
     ref = np.asarray(w, dtype=np.float64)
-    deq_all = codes.astype(np.float32)
-    if zeros is not None:
-        deq_all -= np.repeat(zeros, b, axis=0)[:k]
-    deq_all *= np.repeat(scales, b, axis=0)[:k]
-    d = ref - deq_all
+    d = ref - dequantize_blocks(codes, scales, zeros, b)
     return Quantized(codes, scales, zeros.astype(np.uint8) if zeros is not None else None,
                      float(np.sum(d * d)), float(np.sum(ref * ref)))
 

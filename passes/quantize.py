@@ -54,7 +54,7 @@ from graphopt._ir import Model, RawValues, array_view
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
-from graphopt.passes._blockquant import QuantSpec, pack_int4, quantize_matrix
+from graphopt.passes._blockquant import QuantSpec, dequantize_blocks, pack_int4, quantize_matrix  # noqa: F401
 from graphopt.passes._gptq import Calibration, gptq_matrix
 from graphopt.rewrite import Namer, remove_dead
 
@@ -80,13 +80,6 @@ def quantize_blocks(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
     if stats is not None:
         stats.update(q.stats())
     return q.codes, q.scales.astype(spec.scale_dtype), q.zeros
-
-
-def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int) -> np.ndarray:
-    k = codes.shape[0]
-    s = np.repeat(scales.astype(np.float32), block, axis=0)[:k]
-    z = np.repeat(zeros.astype(np.float32), block, axis=0)[:k] if zeros is not None else 0.0
-    return (codes.astype(np.float32) - z) * s
 
 
 def error_stats(w: np.ndarray, deq: np.ndarray) -> dict[str, float]:
@@ -232,14 +225,8 @@ class Quantize(Pass):
         from graphopt._api import compile as compile_model
         from graphopt._inputs import InputSpec, build_inputs
 
-        probe = model.copy()
         wanted = {u.activation.name: u for u in uses if u.activation is not None}
-        tensors = probe.graph.tensors()
-        extra = [tensors[n] for n in wanted if n in tensors and not isinstance(tensors[n], gs.Constant)]
-        for t in extra:
-            if t.dtype is None:
-                t.dtype = np.float32
-        probe.graph.outputs = list(probe.graph.outputs) + [t for t in extra if t not in probe.graph.outputs]
+        probe, _ = _probe(model, wanted)
         feeds = build_inputs(probe, InputSpec(batch=2, seq=16, past=8, left_pad=0, seed=1))
         out = compile_model(probe, "cpu").run(feeds)
         result = {}
@@ -256,19 +243,13 @@ class Quantize(Pass):
         from graphopt._api import compile as compile_model
         from graphopt._inputs import InputSpec, build_inputs
 
-        probe = model.copy()
         wanted: dict[str, list[_Use]] = {}
         for u in uses:
             if u.activation is not None and u.role != "embedding":
                 wanted.setdefault(u.activation.name, []).append(u)
-        tensors = probe.graph.tensors()
-        extra = [tensors[n] for n in wanted if n in tensors and not isinstance(tensors[n], gs.Constant)]
+        probe, extra = _probe(model, wanted)
         if not extra:
             return {}
-        for t in extra:
-            if t.dtype is None:
-                t.dtype = np.float32
-        probe.graph.outputs = list(probe.graph.outputs) + [t for t in extra if t not in probe.graph.outputs]
         exe = compile_model(probe, "cpu")
         sums: dict[str, Calibration] = {}
         rows = 0
@@ -318,6 +299,19 @@ class Quantize(Pass):
 _MAX_CALIB_RUNS = 1024
 
 
+def _probe(model: Model, names) -> tuple[Model, list[gs.Tensor]]:
+    """A copy of ``model`` that also outputs the activations named in ``names`` (those that exist
+    and are not constants), and those tensors."""
+    probe = model.copy()
+    tensors = probe.graph.tensors()
+    extra = [tensors[n] for n in names if n in tensors and not isinstance(tensors[n], gs.Constant)]
+    for t in extra:
+        if t.dtype is None:
+            t.dtype = np.float32
+    probe.graph.outputs = list(probe.graph.outputs) + [t for t in extra if t not in probe.graph.outputs]
+    return probe, extra
+
+
 def _calib_tokens(ctx: PassContext) -> int:
     tokens = ctx.option("quant_calib_tokens", 16384)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
@@ -332,15 +326,15 @@ def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | 
     mat = values if use.axis == 0 else values.T  # reduction axis first
     if isinstance(importance, Calibration):
         hessian, damp = importance.hessian() if importance.xtx.shape[0] == mat.shape[0] else (None, 0.0)
-        if hessian is not None and np.isfinite(hessian).all():
-            q = gptq_matrix(mat, hessian, spec, damp)
-            zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
-            return q, _layout(q.codes, spec.bits, use.axis), zeros
-        importance = None  # no usable calibration (non-finite activations): the scale search
-    if spec.method == "gptq":  # no calibration for this weight (an embedding table): the scale search
-        spec = dataclasses.replace(spec, method="search")
-    if importance is not None and importance.shape[0] != mat.shape[0]:
-        importance = None
-    q = quantize_matrix(mat, spec, importance, pack=use.axis == 0)
+        q = gptq_matrix(mat, hessian, spec, damp) if hessian is not None and np.isfinite(hessian).all() else None
+        importance = None  # without a usable calibration (non-finite activations): the scale search
+    else:
+        q = None
+    if q is None:
+        if spec.method == "gptq":  # no calibration for this weight (an embedding table): the scale search
+            spec = dataclasses.replace(spec, method="search")
+        if importance is not None and importance.shape[0] != mat.shape[0]:
+            importance = None
+        q = quantize_matrix(mat, spec, importance, pack=use.axis == 0)
     zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
     return q, q.codes.reshape(-1) if q.packed else _layout(q.codes, spec.bits, use.axis), zeros

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,12 @@ def fixture_model(request) -> Path:
 def arch_model(request) -> Path:
     """Gemma, Qwen3, Mistral, Phi-3 and an opset-23 Llama export (dynamo exporter)."""
     return request.param
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``graphopt ARGS`` in a fresh interpreter (output captured as text)."""
+    return subprocess.run([sys.executable, "-m", "graphopt._cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def reference(path: Path) -> dict[str, np.ndarray]:

@@ -12,14 +12,13 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import make_mlp, run_ort, split_reference
+from conftest import make_mlp, run_cli, run_ort, split_reference
 from graphopt._cli import main
 
-GRAPHOPT = [sys.executable, "-m", "graphopt._cli"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*GRAPHOPT, *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args, timeout=300)
 
 
 @pytest.mark.parametrize("command", ["optimize", "passes", "backends", "inspect"])

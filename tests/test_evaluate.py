@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
 import graphopt
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 from graphopt._evaluate import verify
 from graphopt._inputs import InputSpec, build_inputs, vocab_size
 
 DECODE = FIXTURES / "qwen2-torchscript-decode.onnx"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "graphopt", *args], capture_output=True, text=True, timeout=600)
+_cli = run_cli
 
 
 def test_built_inputs_are_valid_for_a_decoder():

@@ -16,6 +16,7 @@ from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_
 from graphopt._conformance import applicable, run_case
 from graphopt._evaluate import generate, load_inputs
 from graphopt.backends import cuda_kernels as ck
+from graphopt.passes._blockquant import dequantize_blocks
 from graphopt.backends import cuda_ops
 from graphopt.backends.cuda import CudaBackend
 from graphopt.backends.cuda_runtime import DYNAMIC, STATIC, STATIC_DATA, STATIC_PARAM
@@ -142,13 +143,6 @@ def test_quantized_fixture_matches_the_cpu_backend(name, options):
     assert exe.weight_bytes <= 1.3 * model.to_onnx().ByteSize()
 
 
-def _reference_dequant(codes, scale, zero, block):
-    k = codes.shape[0]
-    s = np.repeat(scale, block, axis=0)[:k]
-    z = np.repeat(zero, block, axis=0)[:k] if zero is not None else 0
-    return (codes.astype(np.float32) - z) * s
-
-
 @pytest.mark.parametrize("bits,signed,zero", [(4, True, False), (4, False, True), (8, True, False), (8, False, True),
                                               (4, True, True)])
 @pytest.mark.parametrize("k,block", [(64, 32), (100, 32), (37, 16), (96, 128)])
@@ -163,7 +157,7 @@ def test_gemv_layout_round_trips(bits, signed, zero, k, block):
     w = ck.gemv_layout(codes, scale, zp, bits, signed, block)
     assert w.codes.dtype == np.uint32 and w.codes.shape == (n, -(-k // (32 // bits)))
     assert w.nbytes < codes.size * 4 / (32 / bits) + scale.nbytes * 2 + 64  # packed: bits per code, not 32
-    want = _reference_dequant(codes, scale, zp, block)
+    want = dequantize_blocks(codes, scale, zp, block)
     np.testing.assert_allclose(ck.unpack_twin(w, np), want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ck.unpack_twin(w, np, 3, 9), want[:, 3:9], rtol=1e-6, atol=1e-7)
     x = rng.standard_normal((3, k)).astype(np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import graphopt
-from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_ort, split_reference
+from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_cli, run_ort, split_reference
 from graphopt._conformance import applicable, run_case
 from graphopt._evaluate import generate, load_inputs
 from graphopt.backends import cuda_kernels as ck
@@ -314,15 +314,11 @@ def test_decode_with_static_kv_replays_a_cuda_graph_and_matches_torch(name):
 @gpu
 @pytest.mark.parametrize("extra", [[], ["--cuda-graphs"]], ids=["growing-kv", "static-kv-graphs"])
 def test_generate_cli_on_the_gpu_reproduces_torch(tmp_path, extra):
-    import subprocess
-    import sys
-
     ref = np.load(FIXTURES / "qwen2-greedy.npz")
     out = tmp_path / "q.onnx"
     src = FIXTURES / "qwen2-dynamo-decode.onnx"
-    run = [sys.executable, "-m", "graphopt._cli"]
-    assert subprocess.run(run + ["optimize", str(src), "-o", str(out), "--target", "cuda"]).returncode == 0
-    res = subprocess.run(run + ["generate", str(out), "--target", "cuda", "--max-new-tokens", "32", "--prompt-ids",
-                                ",".join(str(t) for t in ref["prompt_ids"]), *extra], capture_output=True, text=True)
+    assert run_cli("optimize", src, "-o", out, "--target", "cuda").returncode == 0
+    res = run_cli("generate", out, "--target", "cuda", "--max-new-tokens", "32", "--prompt-ids",
+                  ",".join(str(t) for t in ref["prompt_ids"]), *extra)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ",".join(str(t) for t in ref["tokens"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +12,7 @@ import pytest
 
 import graphopt
 from graphopt.backends.cuda import CudaBackend
-from conftest import FIXTURES, run_ort, split_reference
+from conftest import FIXTURES, run_cli, run_ort, split_reference
 from legalize_helpers import PRIMITIVE
 
 FUSED_OPS = {"RMSNormalization", "RotaryEmbedding", "Attention"}
@@ -57,8 +55,7 @@ def test_fuse_then_split_back(fixture_model, target, fused_models):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "graphopt._cli", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return run_cli(*args, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("name", ["llama-dynamo-decode", "qwen2-torchscript-prefill"])

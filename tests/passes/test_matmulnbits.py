@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import graphopt
-from conftest import FIXTURES, run_ort, split_reference
+from conftest import FIXTURES, run_cli, run_ort, split_reference
 from graphopt.passes.matmulnbits import pack_matmulnbits
 
 SETTINGS = [dict(quant_bits=4, quant_block=32), dict(quant_bits=4, quant_block=16, quant_symmetric=False),
@@ -68,11 +68,8 @@ def test_packing_layout():
 def test_bad_format_and_format_without_bits(tmp_path):
     with pytest.raises(graphopt.PassError, match="quant format 'gguf' is not one of qdq, matmulnbits"):
         graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), quant_bits=4, quant_format="gguf")
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-m", "graphopt._cli", "optimize", str(FIXTURES / "llama-dynamo-decode.onnx"),
-                          "-o", str(tmp_path / "o.onnx"), "--quant-format", "matmulnbits"], capture_output=True, text=True)
+    res = run_cli("optimize", FIXTURES / "llama-dynamo-decode.onnx", "-o", tmp_path / "o.onnx",
+                  "--quant-format", "matmulnbits")
     assert res.returncode != 0 and res.stderr.strip() == \
         "graphopt optimize: error: quantization options need --quant-bits (4 or 8)"
     assert not (tmp_path / "o.onnx").exists()
