@@ -199,12 +199,31 @@ def _attention(n: KNode) -> Kernel:
     return attention_kernel(n, np)
 
 
+def plain_concat(xp) -> Callable:
+    """``concat(past, new, which)``: a KV cache appended by concatenation along the sequence axis."""
+    return lambda past, new, which: xp.concatenate((past, new), axis=2)
+
+
+def mask_bias(mask, t: int, dtype: np.dtype, xp):
+    """``Attention``'s ``attn_mask`` as an additive bias over ``t`` keys: a bool mask → 0 / −inf; a
+    mask shorter than the keys masks the rest (−inf); a longer one is an error."""
+    pad = t - mask.shape[-1]
+    if pad < 0:
+        raise ValueError(f"Attention: attn_mask's last dimension {mask.shape[-1]} exceeds the total "
+                         f"sequence length {t}")
+    bias = xp.where(mask, dtype.type(0), dtype.type(-np.inf)) if mask.dtype == np.bool_ else \
+        mask.astype(dtype, copy=False)
+    if pad:
+        bias = xp.concatenate([bias, xp.full(bias.shape[:-1] + (pad,), -np.inf, dtype=dtype)], axis=-1)
+    return bias
+
+
 def attention_kernel(n: KNode, xp, concat: Callable | None = None) -> Kernel:
     """``Attention``-23/24/25 over the array module ``xp`` (numpy here, CuPy on the cuda backend):
     never reads a value back to the host, so a CUDA graph can capture it. ``concat(past, new,
     which)`` appends new keys/values to the past ones along the sequence axis (a runtime may
     do it in place)."""
-    cat = concat or (lambda past, new, which: xp.concatenate((past, new), axis=2))
+    cat = concat or plain_concat(xp)
     a = n.attrs
     scale_attr = a.get("scale")
     is_causal = bool(int(a.get("is_causal", 0)))
@@ -266,18 +285,7 @@ def attention_kernel(n: KNode, xp, concat: Callable | None = None) -> Kernel:
         if softcap > 0:
             scores = xp.tanh(scores / cd.type(softcap)) * cd.type(softcap)
         capped = scores
-        bias = None  # additive, broadcastable to (b, hq, sq, t)
-        if mask is not None:
-            pad = t - mask.shape[-1]
-            if pad < 0:
-                raise ValueError(f"Attention: attn_mask's last dimension {mask.shape[-1]} exceeds the total "
-                                 f"sequence length {t}")
-            if mask.dtype == np.bool_:
-                bias = xp.where(mask, cd.type(0), cd.type(-np.inf))
-            else:
-                bias = mask.astype(cd)
-            if pad:
-                bias = xp.concatenate([bias, xp.full(bias.shape[:-1] + (pad,), -np.inf, dtype=cd)], axis=-1)
+        bias = mask_bias(mask, t, cd, xp) if mask is not None else None  # additive, to (b, hq, sq, t)
         if is_causal or left >= 0 or right >= 0 or nonpad is not None:
             i = xp.arange(sq).reshape(sq, 1)
             j = xp.arange(t).reshape(1, t)

@@ -22,7 +22,8 @@ import numpy as np
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends.cpu import INTERNAL_DOMAIN
 from graphopt.backends.cpu_kernels import KNode, _axes_from, _identity_of, clip_kernel, cumsum_kernel, slice_index
-from graphopt.backends.cpu_fused import _as_int, _np_dtype
+from graphopt.backends.cpu_fused import (_as_int, _np_dtype, attention_kernel, mask_bias, plain_concat, rms_norm_kernel,
+                                         rotary_kernel)
 
 Factory = Callable[[KNode, "Device"], Callable[..., Any]]
 
@@ -350,8 +351,6 @@ def _gemm(n: KNode, d: Device):
 
 @device_op("RMSNormalization", since=23)
 def _rms_norm(n: KNode, d: Device):
-    from graphopt.backends.cpu_fused import rms_norm_kernel
-
     axis, eps = int(n.attr("axis", -1)), float(n.attr("epsilon", 1e-5))
     general = rms_norm_kernel(n, d.xp)  # the cpu kernel's code over the array module
 
@@ -373,8 +372,6 @@ def rotary_op(n: KNode, d: Device) -> Callable[..., Any]:
     """``RotaryEmbedding``: the ``rotary`` kernel (one launch) for float32 inputs whose caches match
     the spec's shapes; otherwise the cpu kernel's code over the array module (which also raises
     the precise errors)."""
-    from graphopt.backends.cpu_fused import rotary_kernel
-
     general = rotary_kernel(n, d.xp)
     if d.kernels is None:
         return general
@@ -422,10 +419,8 @@ def attention_op(n: KNode, d: Device, concat: Callable | None = None) -> Callabl
     """``Attention``: the ``attn_decode`` kernel for few query rows (a decode step: one launch per
     layer instead of ~25 array operations), the cpu kernel's code over CuPy (cuBLAS batched
     matmuls) for everything else. ``concat(past, new, which)`` appends to the KV cache."""
-    from graphopt.backends.cpu_fused import attention_kernel
-
     general = attention_kernel(n, d.xp, concat)
-    cat = concat or (lambda past, new, which: d.xp.concatenate((past, new), axis=2))
+    cat = concat or plain_concat(d.xp)
     a = n.attrs
     xp = d.xp
     simple = (n.n_outputs <= 3 and int(a.get("qk_matmul_output_mode", 0)) == 0
@@ -461,11 +456,7 @@ def attention_op(n: KNode, d: Device, concat: Callable | None = None) -> Callabl
         t = k4.shape[2]
         bias = None
         if mask is not None:
-            bias = xp.where(mask, xp.float32(0), xp.float32(-np.inf)) if mask.dtype == np.bool_ \
-                else mask.astype(xp.float32, copy=False)
-            if bias.shape[-1] < t:  # a mask shorter than the keys masks the rest
-                bias = xp.concatenate([bias, xp.full(bias.shape[:-1] + (t - bias.shape[-1],), -np.inf, xp.float32)],
-                                      axis=-1)
+            bias = mask_bias(mask, t, np.dtype(np.float32), xp)
             bias = xp.broadcast_to(bias, (b, hq, sq, t))
             if bias.strides[-1] != 4:
                 bias = xp.ascontiguousarray(bias)
