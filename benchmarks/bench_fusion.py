@@ -11,7 +11,13 @@ exports it: ~150 M parameters, hidden 1024, 8 layers, 16/4 heads, vocab 32000). 
    ORT_ENABLE_ALL) and on graphopt's cpu backend,
 3. times a decode step (``--past`` cached tokens, 1 new) and a prefill (``--prefill``
    tokens), alternating unfused/fused call by call so both see the same machine state,
-4. prints medians and the fused/unfused ratio per engine.
+4. prints medians and the fused/unfused ratio per engine, and the decode step's floor: the bytes of
+   weights a step streams ÷ the DRAM read bandwidth measured in the same run.
+
+``--peer NAME=PATH`` adds another build of the same model to the onnxruntime rounds, e.g. the
+hand-tuned graph of onnxruntime-genai's model builder (``make_llama.py --genai-peer DIR``). A peer
+gets the unfused export's feeds by input name, and its decode logits must match the unfused
+export's (max abs error printed), so a peer with other weights is caught.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphopt
+from graphopt._bench import measure_bandwidth, weight_bytes
 from graphopt._inputs import InputSpec, build_inputs
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -48,12 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default="onnxruntime,cpu")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=PATH",
+                   help="another build of the same model, timed in the onnxruntime rounds")
     p.add_argument("--json", metavar="OUT.json")
     args = p.parse_args(argv)
-    console = Console()
+    console = Console(width=max(Console().width, 132))
     path = Path(args.model)
-    if not path.is_file():
-        console.print(f"error: {path} not found; run benchmarks/make_llama.py first")
+    peers = dict(item.split("=", 1) for item in args.peer if "=" in item)
+    for f in [path, *map(Path, peers.values())]:
+        if not f.is_file():
+            console.print(f"error: {f} not found; run benchmarks/make_llama.py first")
+            return 2
+    if len(peers) != len(args.peer):
+        console.print("error: --peer takes NAME=PATH")
         return 2
 
     model = graphopt.load(path)
@@ -76,38 +90,61 @@ def main(argv: list[str] | None = None) -> int:
                   "prefill": build_inputs(model, InputSpec(batch=1, seq=args.prefill, past=0, left_pad=0))}
         results = []
         for engine in args.engines.split(","):
-            # two sessions take turns: idle threads must not spin, or each slows the other
+            # sessions take turns: idle threads must not spin, or each slows the others
             backend = OnnxRuntimeBackend(threads=args.threads, optimization="all", spinning=False) \
                 if engine == "onnxruntime" \
                 else graphopt.get_backend(engine)
-            exes = {"unfused": graphopt.compile(graphopt.load(path), backend),
-                    "fused": graphopt.compile(graphopt.load(fused_path), backend)}
+            files = {"unfused": path, "fused": fused_path, **(peers if engine == "onnxruntime" else {})}
+            loaded = {k: graphopt.load(f) for k, f in files.items()}
+            exes = {k: graphopt.compile(m, backend) for k, m in loaded.items()}
             for phase, feeds in phases.items():
+                feeds_of = {k: _feeds_for(m, feeds) for k, m in loaded.items()}
+                if phase == "decode":
+                    ref = exes["unfused"].run(feeds)["logits"]
+                    errors = {k: float(abs(exe.run(feeds_of[k])["logits"] - ref).max()) for k, exe in exes.items()}
+                for k, exe in exes.items():  # warm up
+                    exe.run(feeds_of[k])
                 times = {k: [] for k in exes}
-                for exe in exes.values():  # warm up
-                    exe.run(feeds)
-                    exe.run(feeds)
+                names = list(exes)
                 for i in range(args.runs):
-                    order = list(exes) if i % 2 == 0 else list(exes)[::-1]
-                    for k in order:
-                        times[k].append(_time(lambda: exes[k].run(feeds)))
-                med = {k: statistics.median(v) for k, v in times.items()}
-                results.append({"engine": engine, "phase": phase, "unfused_ms": med["unfused"] * 1e3,
-                                "fused_ms": med["fused"] * 1e3, "ratio": med["fused"] / med["unfused"],
-                                "runs": args.runs})
+                    for k in names[i % len(names):] + names[:i % len(names)]:
+                        times[k].append(_time(lambda: exes[k].run(feeds_of[k])))
+                for k, v in times.items():
+                    results.append({"engine": engine, "phase": phase, "model": k,
+                                    "ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3,
+                                    "vs_unfused": statistics.median(v) / statistics.median(times["unfused"]),
+                                    "max_abs_logits_vs_unfused": errors[k] if phase == "decode" else None,
+                                    "runs": args.runs})
+    bandwidth = measure_bandwidth()
+    floor_ms = weight_bytes(model) / bandwidth * 1e3
     table = Table(title=f"fused vs unfused, interleaved, median of {args.runs} (threads {args.threads}, "
                         f"past {args.past}, prefill {args.prefill})")
-    for col in ("engine", "phase", "unfused", "fused", "fused / unfused"):
-        table.add_column(col, justify="right" if col not in ("engine", "phase") else "left")
+    for col in ("engine", "phase", "model", "median", "min", "vs unfused", "decode floor / median",
+                "logits vs unfused"):
+        table.add_column(col, justify="right" if col not in ("engine", "phase", "model") else "left")
     for r in results:
-        table.add_row(r["engine"], r["phase"], f"{r['unfused_ms']:.2f} ms", f"{r['fused_ms']:.2f} ms",
-                      f"{r['ratio']:.2f}×")
+        decode = r["phase"] == "decode"
+        table.add_row(r["engine"], r["phase"], r["model"], f"{r['ms']:.2f} ms", f"{r['min_ms']:.2f} ms",
+                      f"{r['vs_unfused']:.2f}×", f"{floor_ms / r['ms']:.0%}" if decode else "",
+                      f"{r['max_abs_logits_vs_unfused']:.1e}" if decode else "")
+    table.caption = (f"decode floor {floor_ms:.2f} ms = {weight_bytes(model) / 2**20:.0f} MiB of weights per step "
+                     f"÷ {bandwidth / 1e9:.1f} GB/s DRAM read bandwidth measured in this run")
     console.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": str(path), "nodes": [model.node_count(), fused.node_count()], "optimize_seconds": total,
-            "passes": [s.to_dict() for s in fused.history], "results": results}, indent=2, default=str) + "\n")
+            "passes": [s.to_dict() for s in fused.history], "bandwidth_bytes_per_s": bandwidth,
+            "decode_floor_ms": floor_ms, "results": results}, indent=2, default=str) + "\n")
     return 0
+
+
+def _feeds_for(model, feeds: dict) -> dict:
+    """The unfused export's feeds, by input name, for a build of the same model."""
+    names = [t.name for t in model.graph.inputs]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        sys.exit(f"error: a peer's inputs {missing} are not inputs of the unfused export")
+    return {n: feeds[n] for n in names}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ names), exported by torch's dynamo exporter — the same machinery as the test f
 494 M parameters, 1.98 GB fp32), the model ``graphopt bench --target cuda`` is measured on.
 Models over 1.5 GB are written with external data (``OUT.onnx.data``).
 
+``--genai-peer DIR`` also builds the hand-tuned peer the fusion target is set against: the same
+model (same weights) saved as a Hugging Face checkpoint and converted by onnxruntime-genai's model
+builder (``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``), which emits
+GroupQueryAttention, SkipSimplifiedLayerNormalization and merged QKV by hand-written rules.
+``benchmarks/bench_fusion.py --peer genai=DIR/model.onnx`` times it beside the unfused export and
+graphopt's fused model. Needs ``pip install onnxruntime-genai==0.18.0`` beside the requirements.
+
 Needs tests/fixtures/requirements.txt (torch==2.13.0 CPU build, transformers).
 """
 
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--graph", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--genai-peer", metavar="DIR",
+                   help="also write onnxruntime-genai's model builder output (fp32, cpu) of the same model to DIR")
     args = p.parse_args(argv)
     for key, value in PRESETS.get(args.preset, {}).items():
         setattr(args, key, value)
@@ -70,7 +79,33 @@ def main(argv: list[str] | None = None) -> int:
     opset = ex.export_one(model, exp, str(out), external_data=params * 4 > 1.5e9)
     size = sum(f.stat().st_size for f in (out, Path(str(out) + ".data")) if f.exists())
     print(f"wrote {out}: {params / 1e6:.1f} M parameters, opset {opset}, {size / 2**20:.0f} MiB")
+    if args.genai_peer:
+        build_genai_peer(model, Path(args.genai_peer))
     return 0
+
+
+def build_genai_peer(model, out: Path) -> None:
+    """Convert the same model (same weights) with onnxruntime-genai's hand-written model builder."""
+    import subprocess
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        # the builder copies a tokenizer into its output: a word-level one over the model's vocabulary
+        vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
+                                eos_token="t2").save_pretrained(tmp)
+        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out),
+                               "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache")],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"onnxruntime-genai's model builder failed:\n{done.stderr[-2000:]}")
+    print(f"wrote {out / 'model.onnx'} (onnxruntime-genai model builder, fp32, cpu)")
 
 
 if __name__ == "__main__":
