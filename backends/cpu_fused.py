@@ -13,9 +13,12 @@ Standard ops (declared, so the ONNX node tests run against them):
 Internal (``graphopt.cpu`` domain, created by :func:`fuse_dequant_matmul` at
 compile time, never declared):
 
-* ``DequantMatMul``: ``X @ dequant(W)`` for a constant 2-D quantized weight,
-  dequantizing a bounded chunk of output columns at a time; 4-bit weights stay
-  packed two to a byte.
+* ``DequantMatMul``: ``X @ dequant(W)`` for a constant 2-D quantized weight; 4-bit
+  weights stay packed two to a byte and are decoded through a 256-entry table (one
+  byte → two float32). With a few rows of X (a decode step) it works tile by tile in
+  cache on a thread pool, each tile decoded, scaled and multiplied while it is hot;
+  with more rows (a prefill) it dequantizes a bounded chunk of output columns at a
+  time for one big product.
 * ``DequantGather``: ``Gather(dequant(W), ids, axis=0)`` dequantizing only the
   gathered rows.
 """
@@ -23,7 +26,10 @@ compile time, never declared):
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -443,6 +449,41 @@ def _dequantize_linear(n: KNode) -> Kernel:
 # ------------------------------------------------- dequant-matmul (compile rewrite)
 #: Upper bound of the fp32 weight slice one DequantMatMul step materialises.
 DEQUANT_CHUNK_BYTES = 8 * 2**20
+#: X rows up to which DequantMatMul goes tile by tile in cache (a decode step).
+GEMV_ROWS = 8
+#: fp32 elements of one such tile (1 MiB: about one core's L2).
+GEMV_TILE = 1 << 18
+
+
+def _nibble_table(signed: bool) -> np.ndarray:
+    """(256,) float64 whose 8 bytes are the two float32 values of a packed byte's nibbles
+    (low nibble first): ``take`` through it decodes a byte into two floats in one pass."""
+    v = np.arange(256)
+    pair = np.stack([v & 0xF, v >> 4], axis=1)
+    if signed:
+        pair = np.where(pair >= 8, pair - 16, pair)
+    return pair.astype(F32).view(np.float64).reshape(256)
+
+
+_NIBBLES = {signed: _nibble_table(signed) for signed in (False, True)}
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _threads() -> int:
+    """Workers of the tile pool: the BLAS thread setting where one is given, else the cores."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="graphopt-dequant")
+        return _POOL
 
 
 def _pack4(w: np.ndarray) -> np.ndarray:
@@ -459,18 +500,16 @@ class _QuantWeight:
     def __init__(self, axis: int, block: int, bits: int, signed: bool, n_cols: int):
         self.axis, self.block, self.bits, self.signed, self.n = axis, block, bits, signed, n_cols
 
-    def raw(self, wq: np.ndarray, rows, c0: int, c1: int) -> np.ndarray:
-        """float32 values of rows ``rows`` (slice or index array), columns c0:c1, before scale/zero point."""
+    def raw(self, wq: np.ndarray, rows, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 values of rows ``rows`` (slice or index array), columns c0:c1, before scale/zero
+        point; ``out``: a float64 buffer of at least (rows, ceil((c1 - c0) / 2)) for 4-bit weights."""
         if self.bits == 4:  # packed; c0 is even
             packed = wq[rows, c0 // 2:(c1 + 1) // 2]
-            vals = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
-            np.bitwise_and(packed, 0xF, out=vals[:, 0::2])
-            np.right_shift(packed, 4, out=vals[:, 1::2])
-            if self.signed:  # two's complement nibble -> int8
-                vals ^= 8
-                vals = vals.view(np.int8)
-                vals -= 8
-            return vals[:, :c1 - c0].astype(F32)
+            if out is not None:
+                out = out[:packed.shape[0], :packed.shape[1]]
+            # every uint8 is a valid index: "clip" skips the bounds check (and, with out, a buffered copy)
+            vals = np.take(_NIBBLES[self.signed], packed, out=out, mode="clip").view(F32)
+            return vals[:, :c1 - c0]
         return _as_int(wq[rows, c0:c1]).astype(F32)
 
     def apply(self, w: np.ndarray, scale: np.ndarray, zp, rows, c0: int, c1: int) -> np.ndarray:
@@ -482,8 +521,8 @@ class _QuantWeight:
             if self.block <= 0:  # per-axis
                 return _as_f32(p[rows])[:, None] if self.axis == 0 else _as_f32(p[c0:c1])[None, :]
             if self.axis == 0:  # blocks along rows
-                if isinstance(rows, slice):  # all rows: expanded by the blocked view below
-                    return _as_f32(p[:, c0:c1])
+                if isinstance(rows, slice):  # rows.start % block == 0: expanded by the blocked view below
+                    return _as_f32(p[rows.start // self.block:-(-rows.stop // self.block), c0:c1])
                 return _as_f32(p[rows // self.block, c0:c1])
             blk = _as_f32(p[rows, c0 // self.block:-(-c1 // self.block)])  # blocks along columns
             return np.repeat(blk, self.block, axis=1)[:, :c1 - c0]  # c0 % block == 0
@@ -646,6 +685,33 @@ def _chunk_cols(q: _QuantWeight, k: int) -> int:
     return min(cols, q.n) if q.n else 1
 
 
+def _gemv_tiles(q: _QuantWeight, k: int, workers: int) -> tuple[list[tuple[int, int]], int]:
+    """Column strips (at least one per worker, ~1024 wide) and the rows of one tile for the
+    decode path; strips and tiles respect the packing and block alignment."""
+    col_align = 2 if q.bits == 4 else 1
+    if q.block > 0 and q.axis == 1:
+        col_align = col_align * q.block // math.gcd(col_align, q.block)
+    row_align = q.block if q.block > 0 and q.axis == 0 else 8
+    strips = max(workers, -(-q.n // 1024))
+    cols = -(-q.n // strips)
+    cols = max(col_align, -(-cols // col_align) * col_align)
+    rows = max(row_align, (GEMV_TILE // cols) // row_align * row_align)
+    return [(c0, min(q.n, c0 + cols)) for c0 in range(0, q.n, cols)], min(rows, -(-k // row_align) * row_align)
+
+
+def _gemv_strips(q: _QuantWeight, xf, wq, scale, zp, out, strips, rows: int) -> None:
+    """out[:, c0:c1] = xf @ dequant(W)[:, c0:c1] for each strip, one cache-sized tile at a time."""
+    k = wq.shape[0]
+    buf = np.empty((rows, -(-max(c1 - c0 for c0, c1 in strips) // 2)), np.float64) if q.bits == 4 else None
+    for c0, c1 in strips:
+        acc = np.zeros((xf.shape[0], c1 - c0), xf.dtype)
+        for r0 in range(0, k, rows):
+            r1 = min(k, r0 + rows)
+            w = q.apply(q.raw(wq, slice(r0, r1), c0, c1, out=buf), scale, zp, slice(r0, r1), c0, c1)
+            acc += xf[:, r0:r1] @ w
+        out[:, c0:c1] = acc
+
+
 @kernel("DequantMatMul", domain=INTERNAL_DOMAIN, predicate=None)
 def _dequant_matmul(n: KNode) -> Kernel:
     q = _qweight(n)
@@ -658,6 +724,15 @@ def _dequant_matmul(n: KNode) -> Kernel:
         lead = x.shape[:-1]
         xf = x.reshape(-1, k).astype(_compute_dtype(x.dtype), copy=False)
         out = np.empty((xf.shape[0], q.n), dtype=xf.dtype)
+        if 0 < xf.shape[0] <= GEMV_ROWS:
+            workers = _threads()
+            strips, rows = _gemv_tiles(q, k, workers)
+            parts = [strips[i::workers] for i in range(min(workers, len(strips)))]
+            futures = [_pool().submit(_gemv_strips, q, xf, wq, scale, zp, out, part, rows) for part in parts[1:]]
+            _gemv_strips(q, xf, wq, scale, zp, out, parts[0], rows)
+            for f in futures:
+                f.result()
+            return out.reshape(lead + (q.n,)).astype(out_dtype, copy=False)
         step = _chunk_cols(q, k)
         for c0 in range(0, q.n, step):
             c1 = min(q.n, c0 + step)
