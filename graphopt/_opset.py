@@ -38,6 +38,12 @@ def upgrade_opset(model: Model, version: int) -> bool:
         raise GraphoptError(f"cannot upgrade the model from opset {current} to {version}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     converted.ir_version = max(converted.ir_version, IR_FOR_OPSET.get(version, converted.ir_version))
+    if _same_graph(proto.graph, converted.graph):  # every adapter was a no-op: keep the graph as it is
+        model.graph.opset = version
+        model.opset_imports = {**model.opset_imports, **{o.domain: o.version for o in converted.opset_import}}
+        model.opset_imports[""] = version
+        model.ir_version = converted.ir_version
+        return True
     upgraded = Model.from_proto(converted)
     tensors = upgraded.graph.tensors()
     for name in moved:  # re-attach the weights, still lazy
@@ -52,6 +58,14 @@ def upgrade_opset(model: Model, version: int) -> bool:
     model.opset_imports[""] = version
     model.ir_version = converted.ir_version
     return True
+
+
+def _same_graph(a, b) -> bool:
+    """The converter left nodes, initializers and the graph's input/output names as they were
+    (it may only have inferred shapes)."""
+    return (list(a.node) == list(b.node) and list(a.initializer) == list(b.initializer)
+            and [v.name for v in a.input] == [v.name for v in b.input]
+            and [v.name for v in a.output] == [v.name for v in b.output])
 
 
 def ensure_opset(model: Model, version: int) -> str | None:

@@ -29,8 +29,10 @@ import numpy as np
 
 from graphopt._errors import GraphoptError
 
-#: Elements per tile for round to nearest (x, codes and a buffer stay within a 1 MiB L2).
-TILE = 1 << 16
+#: Elements per tile for round to nearest (1 MiB of float32: with its codes it fits the L2 of
+#: current server cores; smaller tiles cost more Python per element, and the pool's threads
+#: then queue for the GIL between numpy calls).
+TILE = 1 << 18
 #: Elements per tile for the search (more temporaries per element).
 SEARCH_TILE = 1 << 15
 #: The error figure is computed on about this many elements per weight (whole tiles, evenly

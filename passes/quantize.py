@@ -164,6 +164,12 @@ class Quantize(Pass):
         # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first;
         # the graph is rewritten here, in the graph's order, as results arrive.
         workers = max(1, min(len(todo), int(ctx.option("quant_threads", os.cpu_count() or 1))))
+        # Every tile's temporaries are ~1 MiB: above glibc's initial mmap threshold each would be a
+        # fresh mapping, zero-filled page by page and unmapped again, the threads contending for
+        # the address-space lock. The cpu backend's allocator setting keeps them on the heap.
+        from graphopt.backends.cpu import reuse_freed_memory
+
+        reuse_freed_memory()
         with ThreadPoolExecutor(workers) as pool:
             futures = {id(use): pool.submit(_compute, use, spec, importance.get(id(use.weight)))
                        for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))}
