@@ -19,7 +19,7 @@ from typing import ClassVar
 from graphopt._ir import Model
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
-from graphopt.rewrite import remove_dead
+from graphopt.rewrite import naming_scope, remove_dead
 
 
 class FusionPass(Pass):
@@ -40,12 +40,14 @@ class FusionPass(Pass):
                 return PassResult(False, {"skipped_target": 1})
         if not self.scan(model, ctx, rewrite=False):
             if ctx.explain:  # nothing will be rewritten: collect the reasons only
-                self.scan(model, ctx, rewrite=True)
+                with naming_scope(model.graph):
+                    self.scan(model, ctx, rewrite=True)
             return PassResult(False, {"fused": 0})
         reason = ensure_opset(model, self.opset)
         if reason:
             ctx.notes.append(f"{self.name}: {reason}; nothing fused")
             return PassResult(False, {"fused": 0, "opset_upgrade_failed": 1})
-        counts = self.scan(model, ctx, rewrite=True)
+        with naming_scope(model.graph):
+            counts = self.scan(model, ctx, rewrite=True)
         remove_dead(model.graph)
         return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})

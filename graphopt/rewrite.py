@@ -8,6 +8,8 @@ as its outputs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import onnx_graphsurgeon as gs
 
 
@@ -87,7 +89,7 @@ def fuse(graph: gs.Graph, roots: list[gs.Tensor], node: gs.Node, rule: str,
             old.outputs.clear()
     for t in roots:
         for old in list(t.inputs):
-            old.outputs = [o if o is not t else gs.Variable(f"{t.name}__replaced", t.dtype, t.shape)
+            old.outputs = [o if o is not t else gs.Variable(unique_name(graph, f"{t.name}__replaced"), t.dtype, t.shape)
                            for o in old.outputs]
     node.outputs = list(roots)
     node.meta = {"graphopt.rule": rule}
@@ -101,8 +103,28 @@ def fused_by(node: gs.Node) -> str | None:
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not used in ``graph`` yet (walks the graph: use :class:`Namer` in loops)."""
-    return Namer(graph)(base)
+    """A tensor/node name not used in ``graph`` yet. Walks the graph, unless inside
+    :func:`naming_scope` (or use a :class:`Namer` in loops)."""
+    namer = _SCOPES.get(id(graph))
+    return namer(base) if namer is not None else Namer(graph)(base)
+
+
+_SCOPES: dict[int, Namer] = {}
+
+
+@contextmanager
+def naming_scope(graph: gs.Graph):
+    """Within the block, :func:`unique_name` on ``graph`` uses one :class:`Namer` (one graph
+    walk, not one per name: a rewrite loop was quadratic in the graph's size). Every name the
+    block gives a new tensor or node must come from :func:`unique_name`."""
+    if id(graph) in _SCOPES:
+        yield
+        return
+    _SCOPES[id(graph)] = Namer(graph)
+    try:
+        yield
+    finally:
+        del _SCOPES[id(graph)]
 
 
 class Namer:

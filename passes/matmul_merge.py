@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from graphopt._ir import Model, array_view
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import const_value
-from graphopt.rewrite import remove_dead, unique_name
+from graphopt.rewrite import naming_scope, remove_dead, unique_name
 
 
 def _bias(mm: gs.Node) -> tuple[gs.Node, np.ndarray] | None:
@@ -56,16 +56,17 @@ class MatMulMerge(Pass):
                     np.dtype(w.dtype).kind == "f":
                 groups[id(node.inputs[0])].append(node)
         merged = removed = 0
-        for nodes in groups.values():
-            by_key: dict[tuple, list[gs.Node]] = defaultdict(list)
-            for n in nodes:
-                by_key[(str(n.inputs[1].dtype), n.inputs[1].shape[0])].append(n)
-            for group in by_key.values():
-                if len(group) < 2:
-                    continue
-                self._merge(graph, group)
-                merged += 1
-                removed += len(group) - 1
+        with naming_scope(graph):
+            for nodes in groups.values():
+                by_key: dict[tuple, list[gs.Node]] = defaultdict(list)
+                for n in nodes:
+                    by_key[(str(n.inputs[1].dtype), n.inputs[1].shape[0])].append(n)
+                for group in by_key.values():
+                    if len(group) < 2:
+                        continue
+                    self._merge(graph, group)
+                    merged += 1
+                    removed += len(group) - 1
         if merged:
             remove_dead(graph)
         return PassResult(merged > 0, {"merged_groups": merged, "matmuls_removed": removed})
