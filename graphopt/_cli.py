@@ -47,7 +47,8 @@ _QUANT_FLAGS = {"quant_bits": "quant_bits", "quant_block": "quant_block", "lm_qu
                 "embed_quant_block": "quant_embed_block", "quant_method": "quant_method",
                 "quant_scale_dtype": "quant_scale_dtype", "quant_min_elements": "quant_min_elements",
                 "quant_include": "quant_include", "quant_exclude": "quant_exclude",
-                "quant_calib_tokens": "quant_calib_tokens", "quant_format": "quant_format"}
+                "quant_calib_tokens": "quant_calib_tokens", "quant_format": "quant_format",
+                "quant_accuracy_level": "quant_accuracy_level"}
 
 
 def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +63,10 @@ def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
         options["quant_symmetric"] = False
     if any(k.startswith("quant_") for k in options) and "quant_bits" not in options:
         raise GraphoptError("quantization options need --quant-bits (4 or 8)")
+    if "quant_accuracy_level" in options and options.get("quant_format") != "matmulnbits":
+        raise GraphoptError("--quant-accuracy-level is an attribute of MatMulNBits: use it with --quant-format "
+                            "matmulnbits (for the QDQ form onnxruntime reads the session option "
+                            "session.qdq_matmulnbits_accuracy_level)")
     for item in args.option or []:
         if "=" not in item:
             raise GraphoptError(f"--option expects KEY=VALUE, got {item!r}")
@@ -413,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-format", choices=("qdq", "matmulnbits"),
                    help="qdq: standard DequantizeLinear (default); matmulnbits: onnxruntime's com.microsoft "
                         "MatMulNBits for the MatMuls (what onnxruntime-gpu's CUDA provider runs at 4 bits)")
+    q.add_argument("--quant-accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                   help="matmulnbits: the nodes' accuracy_level (0: float activations, the reference; 4: int8 "
+                        "activations, ~3x faster on CPU at 4 bits with a small extra error; default: unset = 0)")
     q.add_argument("--quant-include", action="append", metavar="PATTERN", help="only weights matching (fnmatch)")
     q.add_argument("--quant-exclude", action="append", metavar="PATTERN", help="skip weights matching (fnmatch)")
     q.add_argument("--quant-min-elements", type=int, metavar="N", help="skip smaller weights (default 1024)")

@@ -87,6 +87,10 @@ class MatMulNBitsFormat(Pass):
                                 f"com.microsoft MatMulNBits nor DequantizeLinear-21")
         graph = model.graph
         accuracy = ctx.option("quant_accuracy_level")
+        if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, int)
+                                     or accuracy not in range(5)):
+            raise GraphoptError(f"quant accuracy level {accuracy!r} is not one of 0, 1, 2, 3, 4 "
+                                "(onnxruntime MatMulNBits: 0 float activations, 4 int8 activations)")
         packed: dict[tuple[int, bool], tuple] = {}
         converted = 0
         for node in list(graph.nodes):

@@ -5,10 +5,14 @@ the decomposition takes them back for a target without MatMulNBits."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper
 
 import graphopt
 from conftest import FIXTURES, run_cli, run_ort, split_reference
+from graphopt._inputs import InputSpec, build_inputs
 from graphopt.passes.matmulnbits import pack_matmulnbits
 
 SETTINGS = [dict(quant_bits=4, quant_block=32), dict(quant_bits=4, quant_block=16, quant_symmetric=False),
@@ -73,3 +77,31 @@ def test_bad_format_and_format_without_bits(tmp_path):
     assert res.returncode != 0 and res.stderr.strip() == \
         "graphopt optimize: error: quantization options need --quant-bits (4 or 8)"
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_accuracy_level_is_written_and_onnxruntime_honours_it(tmp_path):
+    src = FIXTURES / "llama-dynamo-decode.onnx"
+    outs = {}
+    for level in (0, 4):
+        dst = tmp_path / f"l{level}.onnx"
+        res = run_cli("optimize", src, "-o", dst, "--target", "onnxruntime", "--quant-bits", "4",
+                      "--quant-format", "matmulnbits", "--quant-accuracy-level", str(level), "--no-quality")
+        assert res.returncode == 0, res.stderr
+        nodes = [n for n in onnx.load(dst).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes and all(helper.get_node_attr_value(n, "accuracy_level") == level for n in nodes)
+        feeds = build_inputs(graphopt.load(dst), InputSpec(batch=2, seq=3, past=4))
+        outs[level] = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    diff = np.abs(outs[4] - outs[0])
+    assert 0 < diff.max() < 0.05 * np.abs(outs[0]).max()  # int8 activations: a small, real difference
+
+
+def test_bad_accuracy_level(tmp_path):
+    with pytest.raises(graphopt.PassError, match="quant accuracy level 7 is not one of 0, 1, 2, 3, 4"):
+        graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), quant_bits=4,
+                          quant_format="matmulnbits", quant_accuracy_level=7)
+    res = run_cli("optimize", FIXTURES / "llama-dynamo-decode.onnx", "-o", tmp_path / "o.onnx",
+                  "--quant-bits", "4", "--quant-accuracy-level", "4")
+    assert res.returncode != 0 and res.stderr.strip().startswith(
+        "graphopt optimize: error: --quant-accuracy-level is an attribute of MatMulNBits: use it with --quant-format "
+        "matmulnbits")
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
