@@ -467,6 +467,7 @@ def _nibble_table(signed: bool) -> np.ndarray:
 
 _NIBBLES = {signed: _nibble_table(signed) for signed in (False, True)}
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -479,10 +480,12 @@ def _threads() -> int:
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
+    """The tile pool of this process. A child forked after the pool started has the executor
+    but not its threads (work submitted there would never run), so it gets a pool of its own."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="graphopt-dequant")
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL, _POOL_PID = ThreadPoolExecutor(_threads(), thread_name_prefix="graphopt-dequant"), os.getpid()
         return _POOL
 
 

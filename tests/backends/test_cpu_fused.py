@@ -8,6 +8,10 @@ unfused graph, and its memory bound.
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import time
 import tracemalloc
 
 import ml_dtypes
@@ -622,3 +626,37 @@ def test_dequant_matmul_peak_memory_stays_far_below_the_fp32_weight():
     cols = rng.choice(n, 64, replace=False)
     w_cols = (wq[:, cols].astype(np.float32) - np.repeat(zp[:, cols], block, 0)) * np.repeat(scale[:, cols], block, 0)
     np.testing.assert_allclose(got[:, cols], x @ w_cols, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_dequant_matmul_runs_in_a_child_forked_after_its_pool_started():
+    """The decode path's thread pool does not survive fork: a forked child must get its own
+    (with the parent's executor it would wait forever for threads that do not exist)."""
+    model, feeds = _dq_model(np.random.default_rng(21), 256, 4096)
+    exe = graphopt.compile(model, "cpu")
+    want = exe.run(feeds)["Y0"]  # starts the pool in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the same executable, send the result back, exit at once
+        try:
+            os.write(write, exe.run(feeds)["Y0"].astype(np.float32).tobytes())
+        finally:
+            os._exit(0)
+    os.close(write)
+    chunks = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([read], [], [], 1.0)
+        if ready:
+            chunk = os.read(read, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(read)
+    done, _ = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in DequantMatMul")
+    got = np.frombuffer(b"".join(chunks), np.float32).reshape(want.shape)
+    np.testing.assert_array_equal(got, want)
