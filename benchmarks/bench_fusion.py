@@ -16,8 +16,9 @@ exports it: ~150 M parameters, hidden 1024, 8 layers, 16/4 heads, vocab 32000). 
 
 ``--peer NAME=PATH`` adds another build of the same model to the onnxruntime rounds, e.g. the
 hand-tuned graph of onnxruntime-genai's model builder (``make_llama.py --genai-peer DIR``). A peer
-gets the unfused export's feeds by input name, and its decode logits must match the unfused
-export's (max abs error printed), so a peer with other weights is caught.
+gets the unfused export's feeds by input name, and the decode logits of every build must match
+the unfused export's within 1e-3 (max abs error printed), so a peer with other weights, or a
+wrong fusion, stops the benchmark.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from graphopt._inputs import InputSpec, build_inputs
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Decode logits of every timed build must match the unfused export's within this.
+LOGITS_ATOL = 1e-3
 
 
 def _time(fn) -> float:
@@ -102,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 if phase == "decode":
                     ref = exes["unfused"].run(feeds)["logits"]
                     errors = {k: float(abs(exe.run(feeds_of[k])["logits"] - ref).max()) for k, exe in exes.items()}
+                    wrong = {k: e for k, e in errors.items() if not e <= LOGITS_ATOL}
+                    if wrong:
+                        console.print(f"error: {engine}: logits differ from the unfused export's by "
+                                      + ", ".join(f"{k} {e:.2e}" for k, e in wrong.items())
+                                      + f" (> {LOGITS_ATOL}): not the same model")
+                        return 2
                 for k, exe in exes.items():  # warm up
                     exe.run(feeds_of[k])
                 times = {k: [] for k in exes}
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "max_abs_logits_vs_unfused": errors[k] if phase == "decode" else None,
                                     "runs": args.runs})
     bandwidth = measure_bandwidth()
-    floor_ms = weight_bytes(model) / bandwidth * 1e3
+    streamed = weight_bytes(model)
+    floor_ms = streamed / bandwidth * 1e3
     table = Table(title=f"fused vs unfused, interleaved, median of {args.runs} (threads {args.threads}, "
                         f"past {args.past}, prefill {args.prefill})")
     for col in ("engine", "phase", "model", "median", "min", "vs unfused", "decode floor / median",
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["engine"], r["phase"], r["model"], f"{r['ms']:.2f} ms", f"{r['min_ms']:.2f} ms",
                       f"{r['vs_unfused']:.2f}×", f"{floor_ms / r['ms']:.0%}" if decode else "",
                       f"{r['max_abs_logits_vs_unfused']:.1e}" if decode else "")
-    table.caption = (f"decode floor {floor_ms:.2f} ms = {weight_bytes(model) / 2**20:.0f} MiB of weights per step "
+    table.caption = (f"decode floor {floor_ms:.2f} ms = {streamed / 2**20:.0f} MiB of weights per step "
                      f"÷ {bandwidth / 1e9:.1f} GB/s DRAM read bandwidth measured in this run")
     console.print(table)
     if args.json:
