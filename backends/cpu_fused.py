@@ -728,7 +728,8 @@ def _dequant_matmul(n: KNode) -> Kernel:
         xf = x.reshape(-1, k).astype(_compute_dtype(x.dtype), copy=False)
         out = np.empty((xf.shape[0], q.n), dtype=xf.dtype)
         if 0 < xf.shape[0] <= GEMV_ROWS:
-            workers = _threads()
+            # a weight of less than a tile per worker is not worth the pool's hand-off (tens of µs)
+            workers = _threads() if k * q.n >= 2 * GEMV_TILE else 1
             strips, rows = _gemv_tiles(q, k, workers)
             parts = [strips[i::workers] for i in range(min(workers, len(strips)))]
             futures = [_pool().submit(_gemv_strips, q, xf, wq, scale, zp, out, part, rows) for part in parts[1:]]

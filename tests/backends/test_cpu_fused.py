@@ -542,8 +542,8 @@ def test_dequant_matmul_rewrite(case, path, monkeypatch):
     k, n = spec.pop("k", 96), spec.pop("n", 80)
     model, feeds = _dq_model(np.random.default_rng(16), k, n, **spec)
     n_consumers = len(spec.get("consumers", ("matmul",)))
-    if path == "tiles":  # X has 3 rows: the decode path, with tiny tiles so it walks several strips and tiles
-        monkeypatch.setattr(cpu_fused, "GEMV_TILE", 2048)
+    if path == "tiles":  # X has 3 rows: the decode path, with tiny tiles so it walks several strips and
+        monkeypatch.setattr(cpu_fused, "GEMV_TILE", 2048)  # tiles, on the pool's threads
     else:  # the prefill path, with small chunks so the kernel walks several column chunks
         monkeypatch.setattr(cpu_fused, "GEMV_ROWS", 0)
         monkeypatch.setattr(cpu_fused, "DEQUANT_CHUNK_BYTES", 4 * k * 24)
