@@ -65,7 +65,13 @@ def array_view(t: gs.Constant) -> np.ndarray:
     """A constant's values without copying them where possible: a read-only view of an
     inline tensor's bytes, a memory map of an external one. Does not replace the lazy
     values (reading ``t.values`` would), so export stays byte-for-byte."""
-    v = t._values
+    return values_view(t._values)
+
+
+def values_view(v) -> np.ndarray:
+    """:func:`array_view` of a constant's values object (lazy or an array)."""
+    if isinstance(v, ConcatValues):
+        return v.load()
     if isinstance(v, ExternalValues) or not isinstance(v, LazyValues):
         return v.view() if isinstance(v, ExternalValues) else np.asarray(v)
     tp = v.tensor
@@ -173,6 +179,51 @@ class RawValues(LazyValues):
     @tensor.setter
     def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
         self.header = value
+
+
+class ConcatValues(LazyValues):
+    """2-D constants joined along their last axis (``matmul-merge``'s merged weight), kept as
+    their parts: nothing is joined in memory until a reader asks for the values, and saving
+    streams the joined rows a block at a time. A merged fp32 model is then never held twice."""
+
+    #: Bytes of joined rows saving writes at a time.
+    BLOCK_BYTES = 4 * 2**20
+
+    def __init__(self, name: str, parts: list):
+        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
+
+        views = [values_view(p) for p in parts]
+        first = views[0]
+        if any(w.ndim != 2 or w.shape[0] != first.shape[0] or w.dtype != first.dtype for w in views):
+            raise ValueError("ConcatValues joins 2-D arrays with the same rows and dtype")
+        dims = [int(first.shape[0]), sum(int(w.shape[1]) for w in views)]
+        self.parts = list(parts)
+        self.header = TensorProto(name=name, dims=dims, data_type=onnx.helper.np_dtype_to_tensor_dtype(first.dtype))
+        self.shape = tuple(dims)
+        self.dtype = get_onnx_tensor_dtype(self.header)
+        self.nbytes = dims[0] * dims[1] * first.dtype.itemsize
+
+    @property
+    def tensor(self) -> TensorProto:
+        full = TensorProto()
+        full.CopyFrom(self.header)
+        full.raw_data = self.load().tobytes()
+        return full
+
+    @tensor.setter
+    def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
+        self.header = value
+
+    def load(self) -> np.ndarray:
+        return np.concatenate([values_view(p) for p in self.parts], axis=1)
+
+    def write_to(self, out) -> int:
+        """Write the joined values' bytes to the file ``out``, a block of rows at a time."""
+        views = [values_view(p) for p in self.parts]
+        rows = max(1, self.BLOCK_BYTES // max(1, self.nbytes // max(1, self.shape[0])))
+        for r0 in range(0, self.shape[0], rows):
+            out.write(memoryview(np.concatenate([w[r0:r0 + rows] for w in views], axis=1)).cast("B"))
+        return self.nbytes
 
 
 @dataclass
@@ -350,9 +401,9 @@ class Model:
             v = t._values
             if isinstance(v, np.ndarray) and v.nbytes >= keep_below and v.dtype.kind in "biufc":
                 dims, data_type = list(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
-            elif isinstance(v, RawValues) and v.raw.nbytes >= keep_below:
+            elif isinstance(v, (RawValues, ConcatValues)) and v.nbytes >= keep_below:
                 dims, data_type = list(v.header.dims), v.header.data_type
-            elif isinstance(v, LazyValues) and not isinstance(v, (ExternalValues, RawValues)) and \
+            elif isinstance(v, LazyValues) and not isinstance(v, (ExternalValues, RawValues, ConcatValues)) and \
                     tensor_nbytes(v.tensor) >= keep_below:
                 dims, data_type = list(v.tensor.dims), v.tensor.data_type
             else:
@@ -390,6 +441,10 @@ class Model:
                 if v.raw.nbytes < EXTERNAL_MIN_BYTES:
                     continue
                 payload, dims, data_type = v.raw, list(v.header.dims), v.header.data_type
+            elif isinstance(v, ConcatValues):
+                if v.nbytes < EXTERNAL_MIN_BYTES:
+                    continue
+                payload, dims, data_type = v, list(v.header.dims), v.header.data_type
             elif isinstance(v, LazyValues):
                 tp = v.tensor
                 if uses_external_data(tp) or not tp.HasField("raw_data") or tensor_nbytes(tp) < EXTERNAL_MIN_BYTES:
@@ -553,6 +608,8 @@ def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: boo
             if src is not None and {e.key: e.value for e in t.external_data}.get("location") == "<payload>":
                 del t.external_data[:]
                 t.data_location = TensorProto.DEFAULT
+                if isinstance(src, ConcatValues):
+                    src = src.load()
                 t.raw_data = b"".join(src.iter_bytes()) if isinstance(src, ExternalValues) else bytes(
                     memoryview(src).cast("B") if isinstance(src, np.ndarray) else src)
     for node in graph.node:
@@ -578,12 +635,16 @@ def _varint(n: int) -> bytes:
 def _payload_length(src) -> int:
     if isinstance(src, ExternalValues):
         return src.length
+    if isinstance(src, ConcatValues):
+        return src.nbytes
     return src.nbytes if isinstance(src, np.ndarray) else len(src)
 
 
 def _write_payload(out, src) -> int:
     """Write one payload to the unbuffered file ``out``; external data is copied by the kernel
     (``copy_file_range``) where it can be, else streamed."""
+    if isinstance(src, ConcatValues):
+        return src.write_to(out)
     if not isinstance(src, ExternalValues):
         data = memoryview(src).cast("B") if isinstance(src, np.ndarray) else src
         out.write(data)

@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt._ir import Model, array_view
+from graphopt._ir import ConcatValues, Model, array_view
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import const_value
 from graphopt.rewrite import naming_scope, remove_dead, unique_name
@@ -74,13 +74,14 @@ class MatMulMerge(Pass):
     @staticmethod
     def _merge(graph: gs.Graph, group: list[gs.Node]) -> None:
         x = group[0].inputs[0]
-        # views of the stored bytes (no load into a second copy), concatenated once into the merged weight
+        # the merged weight keeps its parts (ConcatValues): joined only when read or saved
         weights = [array_view(n.inputs[1]) for n in group]
         widths = [w.shape[1] for w in weights]
         biases = [_bias(n) for n in group]
         use_bias = all(b is not None for b in biases)
         base = group[0].inputs[1].name
-        w = gs.Constant(unique_name(graph, f"{base}_merged"), np.concatenate(weights, axis=1))
+        name = unique_name(graph, f"{base}_merged")
+        w = gs.Constant(name, ConcatValues(name, [n.inputs[1]._values for n in group]))
         dtype = weights[0].dtype
         y = gs.Variable(unique_name(graph, f"{base}_merged_out"), dtype, None)
         mm = gs.Node("MatMul", unique_name(graph, f"MatMul_{base}_merged"), inputs=[x, w], outputs=[y])
