@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt._backend import Backend, Executable, OpSupport, op_version
 from graphopt._errors import BackendError
@@ -216,6 +217,16 @@ def plan_frees(steps: list, keep: set[int]) -> None:
         step.free = tuple(frees.get(i, ()))
 
 
+def const_values(t: gs.Constant) -> np.ndarray:
+    """A constant's values, without caching them on the tensor. graphsurgeon cannot export a
+    4-bit constant once its lazy values were replaced by an ml_dtypes array; and the graph a
+    compile works on is cyclic (nodes and tensors point at each other), so arrays cached on it
+    would outlive the executable until the cyclic garbage collector ran: the fp32 weights of a
+    reference run stayed resident beside the next model's."""
+    v = t._values
+    return v.load() if isinstance(v, LazyValues) else np.asarray(v)
+
+
 def _schedule(model: Model, rewrites: dict[str, int]) -> CpuExecutable:
     graph = model.graph
     graph.toposort()
@@ -223,7 +234,7 @@ def _schedule(model: Model, rewrites: dict[str, int]) -> CpuExecutable:
     slot = slots.slot
 
     inputs = {t.name: slot(t.name) for t in graph.inputs}
-    constants = {slot(name): np.asarray(t.values) for name, t in graph.tensors().items()
+    constants = {slot(name): const_values(t) for name, t in graph.tensors().items()
                  if isinstance(t, gs.Constant)}
     steps: list[Step] = []
     for node in graph.nodes:

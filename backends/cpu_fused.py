@@ -34,11 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt._backend import op_version
 from graphopt._ir import Model
 from graphopt.backends.cpu import COMPILE_REWRITES, INTERNAL_DOMAIN
+from graphopt.backends.cpu import const_values as _const_values
 from graphopt.backends.cpu_kernels import Kernel, KNode, _type_name, kernel, std_dtypes
 
 F32 = np.dtype(np.float32)
@@ -581,13 +581,6 @@ def _quant_layout(w_shape: tuple, scale: np.ndarray, zp: np.ndarray | None, axis
 
 def _is_const(t) -> bool:
     return isinstance(t, gs.Constant)
-
-
-def _const_values(t: gs.Constant) -> np.ndarray:
-    """A constant's values, without caching them on the tensor (graphsurgeon cannot export
-    a 4-bit constant once its lazy values were replaced by an ml_dtypes array)."""
-    v = t._values
-    return v.load() if isinstance(v, LazyValues) else np.asarray(v)
 
 
 def fuse_dequant_matmul(model: Model, pack: bool = True) -> int:
