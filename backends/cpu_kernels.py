@@ -529,8 +529,14 @@ def _split(n: KNode) -> Kernel:
             k = int(num_outputs)
             chunk = -(-size // k)
             split = [chunk] * (k - 1) + [size - chunk * (k - 1)]
-        bounds = np.cumsum([int(s) for s in split])[:-1]
-        return tuple(np.split(x, bounds, axis=axis))
+        ax = axis % x.ndim
+        index = [slice(None)] * x.ndim
+        parts, start = [], 0
+        for s in np.asarray(split).tolist():  # views, as np.split gives, without its overhead
+            index[ax] = slice(start, start + int(s))
+            parts.append(x[tuple(index)])
+            start += int(s)
+        return tuple(parts)
     return run
 
 
