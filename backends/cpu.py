@@ -16,10 +16,7 @@ store outputs, drop intermediates after their last use.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt import _memory
 from graphopt._backend import Backend, Executable, OpSupport, op_version
 from graphopt._errors import BackendError
 from graphopt._ir import Model
@@ -129,35 +127,6 @@ def _contiguous(value: Any) -> np.ndarray:
     return a if a.flags.c_contiguous and a.flags.owndata else np.array(a, copy=True)
 
 
-#: Allocations up to this size come from the heap, where freed blocks are reused (see below).
-HEAP_LIMIT_BYTES = 64 * 2**20
-_malloc_tuned: bool | None = None
-
-
-def reuse_freed_memory() -> bool:
-    """Makes glibc reuse freed memory for the step's intermediates instead of mapping fresh pages.
-
-    A decode step allocates and frees intermediates of hundreds of KiB to a few MiB every call.
-    glibc serves allocations above its mmap threshold (128 KiB until a larger block is freed)
-    with new mappings whose pages fault in, zeroed, on first touch: measured 23.2 vs 20.8 ms per
-    decode step of the 155 M Llama when its weights were read in place (nothing large freed
-    before). Raising the threshold keeps them on the heap. Process-wide, once; glibc only;
-    ``GRAPHOPT_KEEP_MALLOC=1`` leaves the allocator alone. Returns whether it is in effect.
-    """
-    global _malloc_tuned
-    if _malloc_tuned is None:
-        _malloc_tuned = False
-        if os.environ.get("GRAPHOPT_KEEP_MALLOC") != "1" and sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                m_trim_threshold, m_mmap_threshold = -1, -3
-                _malloc_tuned = bool(libc.mallopt(m_mmap_threshold, HEAP_LIMIT_BYTES)) and \
-                    bool(libc.mallopt(m_trim_threshold, 2 * HEAP_LIMIT_BYTES))
-            except (OSError, AttributeError):  # not glibc (musl, ...)
-                _malloc_tuned = False
-    return _malloc_tuned
-
-
 class CpuBackend(Backend):
     name = "cpu"
     device = "cpu"
@@ -168,7 +137,7 @@ class CpuBackend(Backend):
                 if k.domain != INTERNAL_DOMAIN]
 
     def compile(self, model: Model) -> CpuExecutable:
-        reuse_freed_memory()
+        _memory.reuse_freed_memory()
         work = model.copy()
         check_nodes("cpu", work, self.check)
         rewrites = {fn.__name__: fn(work) for fn in COMPILE_REWRITES}

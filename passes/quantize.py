@@ -51,6 +51,7 @@ from onnx import TensorProto
 
 from graphopt._errors import GraphoptError
 from graphopt._ir import Model, RawValues, array_view
+from graphopt._memory import reuse_freed_memory
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
@@ -166,9 +167,7 @@ class Quantize(Pass):
         workers = max(1, min(len(todo), int(ctx.option("quant_threads", os.cpu_count() or 1))))
         # Every tile's temporaries are ~1 MiB: above glibc's initial mmap threshold each would be a
         # fresh mapping, zero-filled page by page and unmapped again, the threads contending for
-        # the address-space lock. The cpu backend's allocator setting keeps them on the heap.
-        from graphopt.backends.cpu import reuse_freed_memory
-
+        # the address-space lock. graphopt's allocator setting keeps them on the heap.
         reuse_freed_memory()
         with ThreadPoolExecutor(workers) as pool:
             futures = {id(use): pool.submit(_compute, use, spec, importance.get(id(use.weight)))

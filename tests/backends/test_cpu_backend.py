@@ -95,16 +95,16 @@ def test_declaration_is_version_aware():
 def test_compile_makes_glibc_reuse_freed_memory(monkeypatch):
     import sys as _sys
 
-    from graphopt.backends import cpu
+    from graphopt import _memory
 
-    monkeypatch.setattr(cpu, "_malloc_tuned", None)
+    monkeypatch.setattr(_memory, "_malloc_tuned", None)
     monkeypatch.setenv("GRAPHOPT_KEEP_MALLOC", "1")
-    assert cpu.reuse_freed_memory() is False  # the opt-out leaves the allocator alone
-    monkeypatch.setattr(cpu, "_malloc_tuned", None)
+    assert _memory.reuse_freed_memory() is False  # the opt-out leaves the allocator alone
+    monkeypatch.setattr(_memory, "_malloc_tuned", None)
     monkeypatch.delenv("GRAPHOPT_KEEP_MALLOC")
     graphopt.compile(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), "cpu")
     if _sys.platform.startswith("linux"):
-        assert cpu._malloc_tuned is True  # mallopt accepted both settings (glibc)
+        assert _memory._malloc_tuned is True  # mallopt accepted both settings (glibc)
 
 
 def test_an_executables_weights_are_freed_with_it_without_the_cyclic_collector():
