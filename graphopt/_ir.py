@@ -192,16 +192,17 @@ class ConcatValues(LazyValues):
     def __init__(self, name: str, parts: list):
         from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
 
-        views = [values_view(p) for p in parts]
-        first = views[0]
-        if any(w.ndim != 2 or w.shape[0] != first.shape[0] or w.dtype != first.dtype for w in views):
+        shapes = [tuple(p.shape) for p in parts]  # lazy values and arrays both know shape and dtype
+        dtype = np.dtype(parts[0].dtype)
+        if any(len(sh) != 2 or sh[0] != shapes[0][0] for sh in shapes) or any(np.dtype(p.dtype) != dtype
+                                                                                for p in parts):
             raise ValueError("ConcatValues joins 2-D arrays with the same rows and dtype")
-        dims = [int(first.shape[0]), sum(int(w.shape[1]) for w in views)]
+        dims = [int(shapes[0][0]), sum(int(sh[1]) for sh in shapes)]
         self.parts = list(parts)
-        self.header = TensorProto(name=name, dims=dims, data_type=onnx.helper.np_dtype_to_tensor_dtype(first.dtype))
+        self.header = TensorProto(name=name, dims=dims, data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
         self.shape = tuple(dims)
         self.dtype = get_onnx_tensor_dtype(self.header)
-        self.nbytes = dims[0] * dims[1] * first.dtype.itemsize
+        self.nbytes = dims[0] * dims[1] * dtype.itemsize
 
     @property
     def tensor(self) -> TensorProto:

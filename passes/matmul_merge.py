@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt._ir import ConcatValues, Model, array_view
+from graphopt._ir import ConcatValues, Model
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import const_value
 from graphopt.rewrite import naming_scope, remove_dead, unique_name
@@ -74,15 +74,15 @@ class MatMulMerge(Pass):
     @staticmethod
     def _merge(graph: gs.Graph, group: list[gs.Node]) -> None:
         x = group[0].inputs[0]
-        # the merged weight keeps its parts (ConcatValues): joined only when read or saved
-        weights = [array_view(n.inputs[1]) for n in group]
-        widths = [w.shape[1] for w in weights]
+        widths = [n.inputs[1].shape[1] for n in group]
         biases = [_bias(n) for n in group]
         use_bias = all(b is not None for b in biases)
         base = group[0].inputs[1].name
         name = unique_name(graph, f"{base}_merged")
-        w = gs.Constant(name, ConcatValues(name, [n.inputs[1]._values for n in group]))
-        dtype = weights[0].dtype
+        # the merged weight keeps its parts: joined only when read or saved, never loaded here
+        merged = ConcatValues(name, [n.inputs[1]._values for n in group])
+        w = gs.Constant(name, merged)
+        dtype = np.dtype(merged.dtype)
         y = gs.Variable(unique_name(graph, f"{base}_merged_out"), dtype, None)
         mm = gs.Node("MatMul", unique_name(graph, f"MatMul_{base}_merged"), inputs=[x, w], outputs=[y])
         mm.meta = {"graphopt.rule": f"matmul-merge-{len(group)}"}
