@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from graphopt._backend import op_version
 from graphopt._ir import Model
 from graphopt.backends.cpu import COMPILE_REWRITES, INTERNAL_DOMAIN
-from graphopt.backends.cpu import const_values as _const_values
+from graphopt.backends.cpu import const_values
 from graphopt.backends.cpu_kernels import Kernel, KNode, _type_name, kernel, std_dtypes
 
 F32 = np.dtype(np.float32)
@@ -466,8 +466,7 @@ def _nibble_table(signed: bool) -> np.ndarray:
 
 
 _NIBBLES = {signed: _nibble_table(signed) for signed in (False, True)}
-_POOL: ThreadPoolExecutor | None = None
-_POOL_PID = 0
+_POOL: tuple[ThreadPoolExecutor, int, int] | None = None  # the executor, its workers, the owning pid
 _POOL_LOCK = threading.Lock()
 
 
@@ -479,14 +478,16 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The tile pool of this process. A child forked after the pool started has the executor
-    but not its threads (work submitted there would never run), so it gets a pool of its own."""
-    global _POOL, _POOL_PID
+def _pool() -> tuple[ThreadPoolExecutor, int]:
+    """The tile pool of this process and its number of workers. A child forked after the pool
+    started has the executor but not its threads (work submitted there would never run), so it
+    gets a pool of its own."""
+    global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
-            _POOL, _POOL_PID = ThreadPoolExecutor(_threads(), thread_name_prefix="graphopt-dequant"), os.getpid()
-        return _POOL
+        if _POOL is None or _POOL[2] != os.getpid():
+            workers = _threads()
+            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="graphopt-dequant"), workers, os.getpid())
+        return _POOL[0], _POOL[1]
 
 
 def _pack4(w: np.ndarray) -> np.ndarray:
@@ -616,14 +617,14 @@ def fuse_dequant_matmul(model: Model, pack: bool = True) -> int:
             for c in consumers)
         if not ok or len(w.shape or ()) != 2:
             continue
-        wv = _const_values(w)
+        wv = const_values(w)
         name = wv.dtype.name
         if name not in _DQ_INPUT_TYPES or name == "int32":  # int32: float32 chunks would round
             continue
-        sv = _const_values(scale)
+        sv = const_values(scale)
         if sv.dtype.name not in _DQ_SCALE_TYPES:
             continue
-        zv = _const_values(zp) if zp is not None else None
+        zv = const_values(zp) if zp is not None else None
         axis = int(dq.attrs.get("axis", 1))
         if not -2 <= axis <= 1:
             continue
@@ -712,6 +713,13 @@ def _gemv_strips(q: _QuantWeight, xf, wq, scale, zp, out, strips, rows: int) -> 
 def _dequant_matmul(n: KNode) -> Kernel:
     q = _qweight(n)
     out_dtype = _np_dtype(n.attr("out_dtype", onnx.TensorProto.FLOAT))
+    plans: dict[tuple[int, int], tuple[list, int]] = {}  # (rows of W, workers) -> strips per worker, tile rows
+
+    def plan(k: int, workers: int) -> tuple[list, int]:
+        if (k, workers) not in plans:
+            strips, rows = _gemv_tiles(q, k, workers)
+            plans[k, workers] = [strips[i::workers] for i in range(min(workers, len(strips)))], rows
+        return plans[k, workers]
 
     def run(x, wq, scale, zp=None):
         k = wq.shape[0]
@@ -722,10 +730,9 @@ def _dequant_matmul(n: KNode) -> Kernel:
         out = np.empty((xf.shape[0], q.n), dtype=xf.dtype)
         if 0 < xf.shape[0] <= GEMV_ROWS:
             # a weight of less than a tile per worker is not worth the pool's hand-off (tens of µs)
-            workers = _threads() if k * q.n >= 2 * GEMV_TILE else 1
-            strips, rows = _gemv_tiles(q, k, workers)
-            parts = [strips[i::workers] for i in range(min(workers, len(strips)))]
-            futures = [_pool().submit(_gemv_strips, q, xf, wq, scale, zp, out, part, rows) for part in parts[1:]]
+            pool, workers = _pool() if k * q.n >= 2 * GEMV_TILE else (None, 1)
+            parts, rows = plan(k, workers)
+            futures = [pool.submit(_gemv_strips, q, xf, wq, scale, zp, out, part, rows) for part in parts[1:]]
             _gemv_strips(q, xf, wq, scale, zp, out, parts[0], rows)
             for f in futures:
                 f.result()

@@ -51,9 +51,9 @@ from graphopt._errors import BackendError
 from graphopt._ir import Model
 from graphopt.backends import cuda_kernels as ck
 from graphopt.backends import cuda_ops
-from graphopt.backends.cpu import (INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, check_nodes, invoke, plan_frees,
-                                   store)
-from graphopt.backends.cpu_fused import _as_int, _const_values, fuse_dequant_matmul
+from graphopt.backends.cpu import (INTERNAL_DOMAIN, Slots, SlotExecutable, _knode, check_nodes, const_values, invoke,
+                                   plan_frees, store)
+from graphopt.backends.cpu_fused import _as_int, fuse_dequant_matmul
 from graphopt.backends.cpu_kernels import find_kernel
 from graphopt.backends.cuda_fusion import _is_f32, fuse_elementwise
 from graphopt.backends.cuda_kernels import GemvWeight
@@ -243,11 +243,11 @@ def _quant_weight(node: gs.Node, device: Device) -> GemvWeight:
         wq, scale, zp = ins[1], ins[2], ins[3] if len(ins) > 3 else None
     else:
         wq, scale, zp = ins[0], ins[1], ins[2] if len(ins) > 2 else None
-    zv = _const_values(zp) if zp is not None and zp.name else None
+    zv = const_values(zp) if zp is not None and zp.name else None
     attrs = dict(node.attrs)
     # a tied matrix read transposed by the LM head, or a gather reading rows of W [V, H]: columns of W^T
     transposed = bool(attrs.get("transposed", 0)) or node.op == "DequantGather"
-    w = cuda_ops.gemv_weight(_const_values(wq), _const_values(scale), zv, attrs, device.xp, transposed=transposed)
+    w = cuda_ops.gemv_weight(const_values(wq), const_values(scale), zv, attrs, device.xp, transposed=transposed)
     if w is None:
         raise BackendError(f"cuda: node {node.name!r} ({node.op}): quantization blocks along the output axis are "
                            f"not supported by the dequant-matmul kernel")
@@ -714,7 +714,7 @@ def _fold_constants(model: Model, classes: dict[str, int]) -> int:
                                                                    model.opset(node.domain or "")))
         if spec is None:
             continue
-        args = [None if not t.name else values[t.name] if t.name in values else _const_values(t)
+        args = [None if not t.name else values[t.name] if t.name in values else const_values(t)
                 for t in node.inputs]
         try:
             result = spec.factory(_knode(node, model))(*args)
@@ -801,7 +801,7 @@ def compile_model(model: Model, device: Device, check, graphs: bool = False, fus
         k_major = k_major and for_device and len(t.shape) == 2 and np.dtype(t.dtype) == np.float32
         name = (f"{t.name}@device" + ("T" if k_major else "")) if for_device else t.name
         if slot(name) not in constants:  # loaded once, however many nodes read it
-            values = _contiguous(_const_values(t))
+            values = _contiguous(const_values(t))
             if for_device and values.dtype.name in ("int4", "uint4"):  # CuPy has no 4-bit dtype
                 values = _as_int(values)
             if k_major:
