@@ -29,7 +29,6 @@ def upgrade_opset(model: Model, version: int) -> bool:
     current = model.opset("") or 1
     if current >= version:
         return False
-    constants = model.constants()
     proto = model.to_onnx_without_weights()
     moved = {t.name for t in proto.graph.input} - {t.name for t in model.graph.inputs}
     try:
@@ -40,20 +39,18 @@ def upgrade_opset(model: Model, version: int) -> bool:
     converted.ir_version = max(converted.ir_version, IR_FOR_OPSET.get(version, converted.ir_version))
     if _same_graph(proto.graph, converted.graph):  # every adapter was a no-op: keep the graph as it is
         model.graph.opset = version
-        model.opset_imports = {**model.opset_imports, **{o.domain: o.version for o in converted.opset_import}}
-        model.opset_imports[""] = version
-        model.ir_version = converted.ir_version
-        return True
-    upgraded = Model.from_proto(converted)
-    tensors = upgraded.graph.tensors()
-    for name in moved:  # re-attach the weights, still lazy
-        t = tensors.get(name)
-        if t is None:
-            continue  # the converter dropped a use; the weight is dead
-        if isinstance(t, gs.Variable):
-            t.to_constant(constants[name]._values)
-    upgraded.graph.inputs = [t for t in upgraded.graph.inputs if t.name not in moved]
-    model.graph = upgraded.graph
+    else:
+        constants = model.constants()
+        upgraded = Model.from_proto(converted)
+        tensors = upgraded.graph.tensors()
+        for name in moved:  # re-attach the weights, still lazy
+            t = tensors.get(name)
+            if t is None:
+                continue  # the converter dropped a use; the weight is dead
+            if isinstance(t, gs.Variable):
+                t.to_constant(constants[name]._values)
+        upgraded.graph.inputs = [t for t in upgraded.graph.inputs if t.name not in moved]
+        model.graph = upgraded.graph
     model.opset_imports = {**model.opset_imports, **{o.domain: o.version for o in converted.opset_import}}
     model.opset_imports[""] = version
     model.ir_version = converted.ir_version
