@@ -189,6 +189,46 @@ def test_failed_save_keeps_previous_output(tmp_path, mlp_proto):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
 
 
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_save_flushes_in_the_background(tmp_path, monkeypatch, external):
+    """Every FLUSH_BYTES written, a background fdatasync starts (one at a time); the bytes are the
+    same as a save that flushes only at the end, and both files still get a final fsync."""
+    import graphopt._ir as ir
+
+    src = save_external(make_mlp(hidden=96), tmp_path / "m.onnx")  # external: streamed by copy_file_range
+    graphopt.load(src).save(tmp_path / "plain.onnx", external_data=external)
+    calls, running = [], []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        running.append(fd)
+        calls.append(len(running))
+        real(fd)
+        running.remove(fd)
+
+    monkeypatch.setattr(ir._Output, "FLUSH_BYTES", 4096)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    graphopt.load(src).save(tmp_path / "flushed.onnx", external_data=external)
+    assert calls and max(calls) == 1  # 3 weights of 36 KiB: flushed while saving, never two at once
+    suffix = ".onnx.data" if external else ".onnx"
+    assert (tmp_path / f"flushed{suffix}").read_bytes() == (tmp_path / f"plain{suffix}").read_bytes()
+
+
+def test_failed_background_flush_fails_the_save(tmp_path, monkeypatch):
+    import graphopt._ir as ir
+
+    model = graphopt.Model.from_proto(make_mlp(hidden=96))
+    monkeypatch.setattr(ir._Output, "FLUSH_BYTES", 4096)
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(graphopt.ModelSaveError, match=r"cannot save to .*out.onnx: OSError: \[Errno 5\] Input/output error"):
+        model.save(tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
