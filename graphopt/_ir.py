@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,16 +160,43 @@ class RawValues(LazyValues):
     """Values already in ONNX's byte layout (e.g. packed INT4 codes) held in a numpy buffer.
 
     Saving writes the buffer as it is; ``tensor`` (what export and ``load()`` read) builds a
-    complete TensorProto on demand, so nothing else needs to know about this class."""
+    complete TensorProto on demand, so nothing else needs to know about this class.
 
-    def __init__(self, name: str, dims: list[int], data_type: int, raw: np.ndarray):
+    ``raw`` may also be a :class:`concurrent.futures.Future` of the buffer, still being computed
+    (the quantize pass's arithmetic runs on a pool while the pipeline goes on): shape, dtype
+    and size are known at once, the bytes are waited for when first read. Saving writes such
+    payloads after the ready ones, in ``order`` (the order they were submitted), so the file
+    is the same whichever finishes first and the disk is busy while they are computed."""
+
+    def __init__(self, name: str, dims: list[int], data_type: int, raw: np.ndarray | Future,
+                 order: int = 0):
         from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
 
         self.header = TensorProto(name=name, dims=dims, data_type=data_type)
-        self.raw = np.ascontiguousarray(raw)
+        self._raw = raw if isinstance(raw, Future) else np.ascontiguousarray(raw)
+        self._deferred = isinstance(raw, Future)
+        self.order = order
         self.shape = tuple(dims)
         self.dtype = get_onnx_tensor_dtype(self.header)
-        self.nbytes = self.raw.nbytes
+        self.nbytes = tensor_nbytes(self.header)
+        if isinstance(self._raw, np.ndarray) and self._raw.nbytes != self.nbytes:
+            raise ValueError(f"{name}: {self._raw.nbytes} bytes for a tensor of {self.nbytes}")
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the bytes were given as a future (saving's order depends on it, not on
+        whether the bytes have been read since, so the file is always the same)."""
+        return self._deferred
+
+    @property
+    def raw(self) -> np.ndarray:
+        """The bytes (waits for them if they are still being computed)."""
+        if isinstance(self._raw, Future):
+            raw = np.ascontiguousarray(self._raw.result()).reshape(-1).view(np.uint8)
+            if raw.nbytes != self.nbytes:
+                raise ValueError(f"{self.header.name}: {raw.nbytes} bytes for a tensor of {self.nbytes}")
+            self._raw = raw
+        return self._raw
 
     @property
     def tensor(self) -> TensorProto:
@@ -440,9 +468,9 @@ class Model:
             if isinstance(v, ExternalValues):
                 payload, dims, data_type = v, list(v.tensor.dims), v.tensor.data_type
             elif isinstance(v, RawValues):
-                if v.raw.nbytes < EXTERNAL_MIN_BYTES:
+                if v.nbytes < EXTERNAL_MIN_BYTES and not v.deferred:  # deferred: not waited for by export
                     continue
-                payload, dims, data_type = v.raw, list(v.header.dims), v.header.data_type
+                payload, dims, data_type = v, list(v.header.dims), v.header.data_type
             elif isinstance(v, ConcatValues):
                 if v.nbytes < EXTERNAL_MIN_BYTES:
                     continue
@@ -613,8 +641,13 @@ def _write_external(proto: onnx.ModelProto, sources: dict[str, object], data_tmp
 
 def _write_tensors(out: _Output, proto: onnx.ModelProto, sources: dict[str, object], data_name: str) -> None:
     """Write every large initializer's bytes to ``out`` and point its proto there."""
-    for t in proto.graph.initializer:
+    for t in _write_order(proto.graph.initializer, sources):
         src = sources.get(t.name) if uses_external_data(t) else None
+        if isinstance(src, RawValues) and src.nbytes < EXTERNAL_MIN_BYTES:  # small, deferred: inline
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = src.raw.tobytes()
+            continue
         if src is None and (not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES):
             continue  # small or typed-field tensors stay inline
         pos = out.tell()
@@ -646,7 +679,7 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
     body.CopyFrom(proto.graph)
     body.ClearField("initializer")
     pieces: list = [body.SerializeToString()]
-    for t in proto.graph.initializer:
+    for t in _write_order(proto.graph.initializer, sources):
         src = sources.get(t.name) if uses_external_data(t) else None
         if src is None:
             if uses_external_data(t):
@@ -671,6 +704,17 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
             _write_payload(out, p)
 
 
+def _write_order(initializers, sources: dict[str, object]) -> list[TensorProto]:
+    """Initializers in the order their bytes are written: those ready as they come, then those
+    still being computed (deferred :class:`RawValues`) in the order they were submitted."""
+    def deferred(t) -> bool:
+        src = sources.get(t.name) if uses_external_data(t) else None
+        return isinstance(src, RawValues) and src.deferred
+
+    later = sorted((t for t in initializers if deferred(t)), key=lambda t: sources[t.name].order)
+    return [t for t in initializers if not deferred(t)] + later
+
+
 def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: bool = False) -> None:
     """Initializers of subgraphs (If/Loop bodies) get their payloads inline; only the main
     graph's are written straight to the file."""
@@ -682,6 +726,8 @@ def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: boo
                 t.data_location = TensorProto.DEFAULT
                 if isinstance(src, ConcatValues):
                     src = src.load()
+                elif isinstance(src, RawValues):
+                    src = src.raw
                 t.raw_data = b"".join(src.iter_bytes()) if isinstance(src, ExternalValues) else bytes(
                     memoryview(src).cast("B") if isinstance(src, np.ndarray) else src)
     for node in graph.node:
@@ -707,7 +753,7 @@ def _varint(n: int) -> bytes:
 def _payload_length(src) -> int:
     if isinstance(src, ExternalValues):
         return src.length
-    if isinstance(src, ConcatValues):
+    if isinstance(src, (ConcatValues, RawValues)):
         return src.nbytes
     return src.nbytes if isinstance(src, np.ndarray) else len(src)
 
@@ -717,6 +763,8 @@ def _write_payload(out, src) -> int:
     (``copy_file_range``) where it can be, else streamed."""
     if isinstance(src, ConcatValues):
         return src.write_to(out)
+    if isinstance(src, RawValues):
+        src = src.raw
     if not isinstance(src, ExternalValues):
         data = memoryview(src).cast("B") if isinstance(src, np.ndarray) else src
         out.write(data)

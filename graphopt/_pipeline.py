@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,10 @@ class PassResult:
     counters: dict[str, int] = field(default_factory=dict)
     #: Structured facts for the report (e.g. per-weight quantization error); JSON-serialisable.
     details: dict[str, Any] = field(default_factory=dict)
+    #: Work the pass left running in the background (futures) that completes ``details``: the
+    #: quantize pass's arithmetic overlaps the passes after it and saving. Reading
+    #: :attr:`PassStats.details` waits for it (and raises what it raised).
+    pending: list[Future] = field(default_factory=list)
 
 
 @dataclass
@@ -76,13 +81,27 @@ class PassStats:
     name: str
     nodes_before: int
     nodes_after: int
+    #: The pass's own time; work it left running in the background (``pending``) is not in it.
     seconds: float
     changed: bool
     counters: dict[str, int]
-    details: dict[str, Any] = field(default_factory=dict)
+    _details: dict[str, Any] = field(default_factory=dict)
+    pending: list[Future] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """The pass's details, complete: waits for its background work first."""
+        for f in self.pending:
+            f.result()
+        self.pending = []
+        return self._details
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        details = self.details  # settles the background work (pending is empty after it)
+        out = asdict(self)
+        del out["_details"], out["pending"]
+        out["details"] = details
+        return out
 
 
 def order_passes(passes: list[Pass]) -> list[Pass]:
@@ -145,7 +164,7 @@ class Pipeline:
                 logger.debug("pass %s raised", p.name, exc_info=True)
                 raise PassError(p.name, done, e) from e
             stats = PassStats(p.name, before, work.node_count(), seconds, bool(result.changed),
-                              dict(result.counters), dict(result.details))
+                              dict(result.counters), dict(result.details), list(result.pending))
             work.history.append(stats)
             logger.info("%s: %d -> %d nodes in %.3fs %s", p.name, before, stats.nodes_after, seconds,
                         stats.counters)

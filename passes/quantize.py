@@ -32,6 +32,14 @@ onnx's reference implementation both accept it.
 
 Per weight the pass records the relative RMS error and SQNR of the dequantized weight
 (``PassResult.details``), which the CLI prints and writes to the report.
+
+The arithmetic runs on a thread pool and, except for ``gptq``, in the background: the pass
+rewrites the graph with constants whose bytes are futures (:class:`graphopt._ir.RawValues`)
+and returns, so the passes after it and saving (which writes the ready weights first and
+flushes them to disk meanwhile) overlap it. Whatever reads the values waits for them; the
+pass's details are complete when read (:attr:`graphopt.PassStats.details` waits); a failed
+computation is a one-line :class:`GraphoptError` for whoever reads it. The pass's recorded
+time is therefore its own, not the arithmetic's.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import fnmatch
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +96,6 @@ def error_stats(w: np.ndarray, deq: np.ndarray) -> dict[str, float]:
     ref = float(np.sqrt(np.mean(w.astype(np.float64) ** 2)))
     rel = diff / ref if ref > 0 else 0.0
     return {"rel_rms_error": rel, "sqnr_db": (20 * math.log10(1 / rel)) if rel > 0 else float("inf")}
-
-
-def _tensor(name: str, shape: list[int], raw: np.ndarray, bits: int, signed: bool) -> gs.Constant:
-    """An initializer holding codes already laid out as ONNX stores them (4-bit: packed)."""
-    return gs.Constant(name, RawValues(name, shape, _INT_TYPES[bits, signed], raw))
 
 
 def _layout(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -162,25 +165,36 @@ class Quantize(Pass):
         todo = [(use, specs[use.role]) for use in uses if use.role in specs]
         details, counts, saved = [], {"quantized": 0}, 0
         names = Namer(model.graph)
-        # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first;
-        # the graph is rewritten here, in the graph's order, as results arrive.
+        # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first.
+        # The graph is rewritten at once: the new constants' shapes are known, their bytes are
+        # futures. The pass returns while the pool works, so the arithmetic overlaps the passes
+        # after it and saving (which writes the ready weights first); readers of the values wait.
+        # gptq's factorisations can fail, so it waits here, where a failure names the pass.
         workers = max(1, min(len(todo), int(ctx.option("quant_threads", os.cpu_count() or 1))))
         # Every tile's temporaries are ~1 MiB: above glibc's initial mmap threshold each would be a
         # fresh mapping, zero-filled page by page and unmapped again, the threads contending for
         # the address-space lock. graphopt's allocator setting keeps them on the heap.
         reuse_freed_memory()
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {id(use): pool.submit(_compute, use, spec, importance.get(id(use.weight)))
-                       for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))}
-            for use, spec in todo:
-                info = self._rewrite(model.graph, use, spec, futures.pop(id(use)).result(), names)
-                details.append(info)
-                counts["quantized"] += 1
-                counts[f"{use.role}"] = counts.get(use.role, 0) + 1
-                saved += info["bytes_before"] - info["bytes_after"]
+        outs = {id(use): _Outputs.of(use, spec) for use, spec in todo}
+        infos = {}
+        for use, spec in todo:
+            info = self._rewrite(model.graph, use, spec, outs[id(use)], names)
+            infos[id(use)] = info
+            details.append(info)
+            counts["quantized"] += 1
+            counts[f"{use.role}"] = counts.get(use.role, 0) + 1
+            saved += info["bytes_before"] - info["bytes_after"]
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="graphopt-quantize")
+        pending = [pool.submit(_job, use, spec, importance.get(id(use.weight)), outs[id(use)], infos[id(use)])
+                   for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))]
+        pool.shutdown(wait=False)  # the workers finish the queue, then exit
+        if common["method"] == "gptq":
+            for f in pending:
+                f.result()
+            pending = []
         remove_dead(model.graph)
         counts["bytes_saved"] = saved
-        return PassResult(counts["quantized"] > 0, counts, details={"weights": details})
+        return PassResult(counts["quantized"] > 0, counts, details={"weights": details}, pending=pending)
 
     # ------------------------------------------------------------- find
     def _find(self, model: Model, ctx: PassContext) -> list[_Use]:
@@ -270,18 +284,14 @@ class Quantize(Pass):
         return {id(u.weight): sums[name] for name, us in wanted.items() if name in sums for u in us}
 
     # ------------------------------------------------------------- rewrite
-    def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, done: tuple, unique_name) -> dict:
+    def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, outs: _Outputs, unique_name) -> dict:
         w = use.weight
-        q, codes, zeros = done
-        scales = q.scales.astype(spec.scale_dtype)
-        if use.axis == 1:
-            scales = scales.T
         base = w.name
-        qt = _tensor(unique_name(f"{base}_q{spec.bits}"), list(w.shape), codes, spec.bits, spec.symmetric)
-        s = gs.Constant(unique_name(f"{base}_scale"), np.ascontiguousarray(scales))
+        qt = outs.constant("codes", unique_name(f"{base}_q{spec.bits}"))
+        s = outs.constant("scales", unique_name(f"{base}_scale"))
         inputs = [qt, s]
-        if zeros is not None:
-            inputs.append(_tensor(unique_name(f"{base}_zero_point"), list(scales.shape), zeros, spec.bits, False))
+        if not spec.symmetric:
+            inputs.append(outs.constant("zeros", unique_name(f"{base}_zero_point")))
         out_dtype = np.dtype(w.dtype)
         deq_t = gs.Variable(unique_name(f"{base}_dequantized"), out_dtype, list(w.shape))
         attrs = {"axis": use.axis, "block_size": spec.block}
@@ -295,10 +305,41 @@ class Quantize(Pass):
             if consumer is not node:
                 consumer.inputs = [deq_t if t is w else t for t in consumer.inputs]
         before = int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
-        after = codes.nbytes + scales.nbytes + (zeros.nbytes if zeros is not None else 0)
+        after = sum(t._values.nbytes for t in inputs)
         return {"name": base, "role": use.role, "shape": list(w.shape), "bits": spec.bits, "block": spec.block,
-                "axis": use.axis, "method": spec.method, "bytes_before": int(before), "bytes_after": int(after),
-                **q.stats()}
+                "axis": use.axis, "method": spec.method, "bytes_before": int(before), "bytes_after": int(after)}
+
+
+@dataclass
+class _Outputs:
+    """The constants one weight's job fills: a future per tensor, with its dims and ONNX type
+    (known before the arithmetic runs)."""
+
+    futures: dict[str, Future]
+    dims: dict[str, list[int]]
+    types: dict[str, int]
+
+    @classmethod
+    def of(cls, use: _Use, spec: QuantSpec) -> _Outputs:
+        shape = [int(d) for d in use.weight.shape]
+        blocks = list(shape)
+        blocks[use.axis] = -(-shape[use.axis] // spec.block)
+        dims = {"codes": shape, "scales": blocks}
+        types = {"codes": _INT_TYPES[spec.bits, spec.symmetric],
+                 "scales": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(spec.scale_dtype))}
+        if not spec.symmetric:
+            dims["zeros"], types["zeros"] = blocks, _INT_TYPES[spec.bits, False]
+        return cls({k: Future() for k in dims}, dims, types)
+
+    def constant(self, key: str, name: str) -> gs.Constant:
+        """The constant of one output; saving writes it in the order the jobs are queued."""
+        return gs.Constant(name, RawValues(name, self.dims[key], self.types[key], self.futures[key],
+                                           order=-int(np.prod(self.dims["codes"]))))
+
+    def fail(self, error: BaseException) -> None:
+        for f in self.futures.values():
+            if not f.done():
+                f.set_exception(error)
 
 
 _MAX_CALIB_RUNS = 1024
@@ -322,6 +363,26 @@ def _calib_tokens(ctx: PassContext) -> int:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise GraphoptError(f"quantize: quant_calib_tokens must be a positive integer, got {tokens!r}")
     return tokens
+
+
+def _job(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None, outs: _Outputs,
+         info: dict) -> None:
+    """One weight's arithmetic on a pool thread: adds its error figures to its report entry
+    ``info``, then fills the futures of its constants (codes, scales, zero points, as ONNX
+    stores them)."""
+    try:
+        q, codes, zeros = _compute(use, spec, importance)
+        scales = q.scales.astype(spec.scale_dtype)
+        arrays = {"codes": codes, "scales": np.ascontiguousarray(scales.T if use.axis == 1 else scales)}
+        if zeros is not None:
+            arrays["zeros"] = zeros
+        info.update(q.stats())
+        for key, f in outs.futures.items():
+            f.set_result(arrays[key])
+    except Exception as e:  # whoever reads the values (saving, a backend) gets it, one line
+        error = GraphoptError(f"quantize: {use.weight.name}: {type(e).__name__}: {e}")
+        outs.fail(error)
+        raise error from e
 
 
 def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None) -> tuple:

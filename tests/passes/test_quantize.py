@@ -258,3 +258,66 @@ def test_gptq_pass_calibrates_on_the_cpu_backend_and_beats_search():
         if method == "gptq":
             np.testing.assert_allclose(cpu, run_ort(out, {"x": x})["y"], atol=1e-3, rtol=1e-5)
     assert errors["gptq"] < 0.7 * min(errors["search"], errors["rtn"]), errors
+
+
+def test_arithmetic_runs_in_the_background_and_saving_waits_for_it(tmp_path, monkeypatch):
+    """rtn returns before the codes exist (the pool computes them while later passes and saving
+    run); the saved file is the same as after reading every value first, and the report is
+    complete when read."""
+    import threading
+
+    import graphopt.passes.quantize as qp
+
+    gate = threading.Event()
+    real = qp._compute
+
+    def held(*args):
+        gate.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(qp, "_compute", held)
+    path = FIXTURES / "llama-dynamo-decode.onnx"
+    out = graphopt.optimize(graphopt.load(path), target="cpu", quant_bits=4, quant_block=32)
+    stats = {s.name: s for s in out.history}["quantize"]
+    assert stats.pending and not any(f.done() for f in stats.pending)  # nothing computed yet
+    dq = [n for n in out.graph.nodes if n.op == "DequantizeLinear"]
+    assert dq and all(n.inputs[0]._values.deferred for n in dq)
+    gate.set()
+    out.save(tmp_path / "a.onnx")
+    assert all("rel_rms_error" in w and w["sqnr_db"] > 15 for w in stats.details["weights"])
+    for n in dq:  # read every value, then save again: same bytes
+        assert all(t._values.load().shape == tuple(t.shape) for t in n.inputs)
+    out.save(tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # The quantized weights come last in the file, biggest first (the pool's order).
+    proto = onnx.load(str(tmp_path / "a.onnx"), load_external_data=False)
+    sizes = [int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type == TensorProto.INT4]
+    made = {t.name for n in dq for t in n.inputs}
+    quantized = [t.name in made for t in proto.graph.initializer]
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) == len(dq) - 1  # the LM head: 8 bit
+    assert quantized == sorted(quantized) and sum(quantized) == 2 * len(dq)  # codes and scales: the tail
+    feeds, _ = split_reference(path)
+    np.testing.assert_allclose(graphopt.compile(out, "cpu").run(feeds)["logits"],
+                               run_ort(tmp_path / "a.onnx", feeds)["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_failed_arithmetic_is_a_one_line_error(tmp_path, monkeypatch, method):
+    import graphopt.passes.quantize as qp
+
+    def broken(use, spec, importance):
+        raise FloatingPointError("no luck")
+
+    monkeypatch.setattr(qp, "_compute", broken)
+    model = graphopt.load(FIXTURES / "llama-dynamo-decode.onnx")
+    message = r"quantize: .*: FloatingPointError: no luck"
+    if method == "gptq":  # waits in the pass: the pipeline names it
+        with pytest.raises(graphopt.PassError, match=r"pass 'quantize' failed.*" + message):
+            graphopt.optimize(model, target="cpu", quant_bits=4, quant_method="gptq", quant_calib_tokens=64)
+        return
+    out = graphopt.optimize(model, target="cpu", quant_bits=4)
+    with pytest.raises(graphopt.GraphoptError, match=message):
+        out.save(tmp_path / "q.onnx")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(graphopt.GraphoptError, match=message):
+        {s.name: s for s in out.history}["quantize"].details
