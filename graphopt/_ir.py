@@ -83,6 +83,24 @@ def values_view(v) -> np.ndarray:
     return v.load()
 
 
+#: Linux 5.14+: map every page of a file mapping at once (not in Python's mmap module yet).
+_MADV_POPULATE_READ = 22
+
+
+def populate(values: np.ndarray) -> None:
+    """Before reading all of a memory-mapped array: map its pages in one call instead of one
+    page fault per 4 KiB (~8 % of the quantize pass's arithmetic on a cached file). A no-op
+    for arrays in memory and on kernels without it."""
+    while values is not None and not isinstance(values, np.memmap):
+        values = values.base if isinstance(values.base, np.ndarray) else None
+    mm = getattr(values, "_mmap", None)
+    if mm is not None:
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def tensor_nbytes(t: TensorProto) -> int:
     """Bytes of a tensor's data as stored (packed for 4-bit types)."""
     numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1

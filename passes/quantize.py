@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphopt._errors import GraphoptError
-from graphopt._ir import Model, RawValues, array_view
+from graphopt._ir import Model, RawValues, array_view, populate
 from graphopt._memory import reuse_freed_memory
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
@@ -389,6 +389,7 @@ def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | 
     """The arithmetic of one weight (no graph access: runs on a worker thread): the result,
     and codes and zero points as they will be stored."""
     values = array_view(use.weight)  # no copy of the float weight
+    populate(values)
     mat = values if use.axis == 0 else values.T  # reduction axis first
     if isinstance(importance, Calibration):
         hessian, damp = importance.hessian() if importance.xtx.shape[0] == mat.shape[0] else (None, 0.0)
