@@ -188,6 +188,9 @@ class Quantize(Pass):
         pending = [pool.submit(_job, use, spec, importance.get(id(use.weight)), outs[id(use)], infos[id(use)])
                    for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))]
         pool.shutdown(wait=False)  # the workers finish the queue, then exit
+        _RUNNING.update(pending)
+        for f in pending:
+            f.add_done_callback(_RUNNING.discard)
         if common["method"] == "gptq":
             for f in pending:
                 f.result()
@@ -343,6 +346,19 @@ class _Outputs:
 
 
 _MAX_CALIB_RUNS = 1024
+
+#: Background jobs not finished yet. A child forked meanwhile would wait forever for futures
+#: whose threads it does not have, so a fork first lets them finish.
+_RUNNING: set[Future] = set()
+
+
+def _finish_running() -> None:
+    for f in list(_RUNNING):
+        f.exception()  # waits; the error, if any, stays with the future's readers
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_finish_running)
 
 
 def _probe(model: Model, names) -> tuple[Model, list[gs.Tensor]]:

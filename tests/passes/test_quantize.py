@@ -3,6 +3,8 @@ the cpu backend against onnxruntime, options and their errors."""
 
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -321,3 +323,36 @@ def test_failed_arithmetic_is_a_one_line_error(tmp_path, monkeypatch, method):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(graphopt.GraphoptError, match=message):
         {s.name: s for s in out.history}["quantize"].details
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_waits_for_background_arithmetic(tmp_path, monkeypatch):
+    """A child forked while the pool works would wait forever for futures without threads:
+    forking first lets the jobs finish, so the child reads the same values as the parent."""
+    import threading
+    import time
+
+    import graphopt.passes.quantize as qp
+
+    real = qp._compute
+    started = threading.Event()
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(qp, "_compute", slow)
+    out = graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target="cpu", quant_bits=4)
+    started.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: save and leave without running the parent's exit handlers
+        try:
+            out.save(tmp_path / "child.onnx")
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    out.save(tmp_path / "parent.onnx")
+    assert (tmp_path / "child.onnx").read_bytes() == (tmp_path / "parent.onnx").read_bytes()
