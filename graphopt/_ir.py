@@ -70,6 +70,14 @@ def array_view(t: gs.Constant) -> np.ndarray:
     return values_view(t._values)
 
 
+def sample_elements(t: gs.Constant, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Elements (rows[k], cols[k]) of a 2-D constant, without mapping an external one."""
+    v = t._values
+    if isinstance(v, ExternalValues) and v.data_type in _MEMMAPPABLE and len(v.tensor.dims) == 2:
+        return v.elements(rows, cols)
+    return np.ascontiguousarray(values_view(v)[rows, cols])
+
+
 def values_view(v) -> np.ndarray:
     """:func:`array_view` of a constant's values object (lazy or an array)."""
     if isinstance(v, ConcatValues):
@@ -155,6 +163,21 @@ class ExternalValues(LazyValues):
         copy.data_location = TensorProto.DEFAULT
         copy.raw_data = b"".join(self.iter_bytes())
         return onnx.numpy_helper.to_array(copy)
+
+    def elements(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The elements at (rows[k], cols[k]) of a 2-D tensor, each read with ``pread``: a few
+        samples of a weight cost a few system calls, not a page fault (and a mapping) each."""
+        dims = [int(d) for d in self.tensor.dims]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.data_type))
+        flat = (np.asarray(rows, np.int64) * dims[1] + np.asarray(cols, np.int64)) * dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = b"".join(os.pread(fd, dtype.itemsize, self.offset + int(o)) for o in flat)
+        finally:
+            os.close(fd)
+        if len(raw) != len(flat) * dtype.itemsize:
+            raise ModelLoadError(f"external data file {self.path} ends early: tensor {self.tensor.name!r}")
+        return np.frombuffer(raw, dtype=dtype)
 
     def iter_bytes(self, chunk: int = _COPY_CHUNK) -> Iterator[bytes]:
         with open(self.path, "rb") as f:

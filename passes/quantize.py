@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphopt._errors import GraphoptError
-from graphopt._ir import Model, RawValues, array_view, populate
+from graphopt._ir import Model, RawValues, array_view, populate, tensor_nbytes
 from graphopt._memory import reuse_freed_memory
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
@@ -146,58 +146,84 @@ class Quantize(Pass):
         specs["tied"] = specs["lm_head"]
         for role, spec in specs.items():
             spec.check(f"quantize ({role})")
-        tokens = _calib_tokens(ctx) if common["method"] == "gptq" else 0
+        if common["method"] == "gptq":
+            _calib_tokens(ctx)  # a bad value is an error before any work
         uses = self._find(model, ctx)
         if not uses:
             if ctx.option("quant_include"):
                 raise GraphoptError(f"quantize: no weight matches --quant-include {ctx.option('quant_include')!r}")
             return PassResult(False, {"quantized": 0})
-        reason = ensure_opset(model, OPSET)
-        if reason:
-            raise GraphoptError(f"quantize needs opset {OPSET} for blocked DequantizeLinear: {reason}")
-        uses = self._find(model, ctx)  # an upgrade re-creates the graph
-        if common["method"] == "activation":
-            importance = self._importance(model, uses)
-        elif common["method"] == "gptq":
-            importance = self._calibrate(model, uses, tokens)
-        else:
-            importance = {}
-        todo = [(use, specs[use.role]) for use in uses if use.role in specs]
-        details, counts, saved = [], {"quantized": 0}, 0
-        names = Namer(model.graph)
-        # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first.
-        # The graph is rewritten at once: the new constants' shapes are known, their bytes are
-        # futures. The pass returns while the pool works, so the arithmetic overlaps the passes
-        # after it and saving (which writes the ready weights first); readers of the values wait.
-        # gptq's factorisations can fail, so it waits here, where a failure names the pass.
-        workers = max(1, min(len(todo), int(ctx.option("quant_threads", os.cpu_count() or 1))))
+        workers = max(1, min(len(uses), int(ctx.option("quant_threads", os.cpu_count() or 1))))
         # Every tile's temporaries are ~1 MiB: above glibc's initial mmap threshold each would be a
         # fresh mapping, zero-filled page by page and unmapped again, the threads contending for
         # the address-space lock. graphopt's allocator setting keeps them on the heap.
         reuse_freed_memory()
-        outs = {id(use): _Outputs.of(use, spec) for use, spec in todo}
-        infos = {}
-        for use, spec in todo:
-            info = self._rewrite(model.graph, use, spec, outs[id(use)], names)
-            infos[id(use)] = info
-            details.append(info)
+        # The arithmetic runs on a thread pool (numpy releases the GIL), biggest weights first,
+        # in the background: the graph is rewritten with constants whose shapes are known and
+        # whose bytes are futures, and the pass returns while the pool works, so the arithmetic
+        # overlaps the passes after it and saving (which writes the ready weights first);
+        # readers of the values wait. rtn and search need nothing from the graph, so they start
+        # before the opset upgrade; gptq's factorisations can fail, so it waits here, where a
+        # failure names the pass.
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="graphopt-quantize")
+        jobs: dict[tuple, _Job] = {}
+        try:
+            if common["method"] in ("rtn", "search"):
+                self._submit(pool, jobs, uses, specs, {})
+            reason = ensure_opset(model, OPSET)
+            if reason:
+                raise GraphoptError(f"quantize needs opset {OPSET} for blocked DequantizeLinear: {reason}")
+            uses = self._find(model, ctx)  # an upgrade re-creates the graph
+            if common["method"] == "activation":
+                importance = self._importance(model, uses)
+            elif common["method"] == "gptq":
+                importance = self._calibrate(model, uses, _calib_tokens(ctx))
+            else:
+                importance = {}
+            self._submit(pool, jobs, uses, specs, importance)  # whatever the upgrade changed, or all
+        except BaseException:
+            for job in jobs.values():
+                job.future.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=False)  # the workers finish the queue, then exit
+        names = Namer(model.graph)
+        details, counts, saved, used = [], {"quantized": 0}, 0, []
+        for use in uses:
+            job = jobs.get(_key(use))
+            if job is None:
+                continue  # a role without a setting (the embedding table unless asked for)
+            self._rewrite(model.graph, use, specs[use.role], job.outputs, names)
+            details.append(job.info)
+            used.append(job.future)
             counts["quantized"] += 1
             counts[f"{use.role}"] = counts.get(use.role, 0) + 1
-            saved += info["bytes_before"] - info["bytes_after"]
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="graphopt-quantize")
-        pending = [pool.submit(_job, use, spec, importance.get(id(use.weight)), outs[id(use)], infos[id(use)])
-                   for use, spec in sorted(todo, key=lambda t: -int(np.prod(t[0].weight.shape)))]
-        pool.shutdown(wait=False)  # the workers finish the queue, then exit
-        _RUNNING.update(pending)
-        for f in pending:
+            saved += job.info["bytes_before"] - job.info["bytes_after"]
+        for job in jobs.values():
+            if job.future not in used:
+                job.future.cancel()  # started before an upgrade that changed the weight's use
+        _RUNNING.update(used)
+        for f in used:
             f.add_done_callback(_RUNNING.discard)
         if common["method"] == "gptq":
-            for f in pending:
+            for f in used:
                 f.result()
-            pending = []
+            used = []
         remove_dead(model.graph)
         counts["bytes_saved"] = saved
-        return PassResult(counts["quantized"] > 0, counts, details={"weights": details}, pending=pending)
+        return PassResult(counts["quantized"] > 0, counts, details={"weights": details}, pending=used)
+
+    @staticmethod
+    def _submit(pool: ThreadPoolExecutor, jobs: dict, uses: list[_Use], specs: dict[str, QuantSpec],
+                importance: dict) -> None:
+        """Queue the arithmetic of every use not queued yet, biggest weights first."""
+        todo = [u for u in uses if u.role in specs and _key(u) not in jobs]
+        for use in sorted(todo, key=lambda u: -int(np.prod(u.weight.shape))):
+            spec = specs[use.role]
+            outputs = _Outputs.of(use, spec)
+            info = _entry(use, spec, outputs)
+            future = pool.submit(_job, use, spec, importance.get(id(use.weight)), outputs, info)
+            jobs[_key(use)] = _Job(future, outputs, info)
 
     # ------------------------------------------------------------- find
     def _find(self, model: Model, ctx: PassContext) -> list[_Use]:
@@ -287,12 +313,11 @@ class Quantize(Pass):
         return {id(u.weight): sums[name] for name, us in wanted.items() if name in sums for u in us}
 
     # ------------------------------------------------------------- rewrite
-    def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, outs: _Outputs, unique_name) -> dict:
+    def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, outs: _Outputs, unique_name) -> None:
         w = use.weight
         base = w.name
-        qt = outs.constant("codes", unique_name(f"{base}_q{spec.bits}"))
-        s = outs.constant("scales", unique_name(f"{base}_scale"))
-        inputs = [qt, s]
+        inputs = [outs.constant("codes", unique_name(f"{base}_q{spec.bits}")),
+                  outs.constant("scales", unique_name(f"{base}_scale"))]
         if not spec.symmetric:
             inputs.append(outs.constant("zeros", unique_name(f"{base}_zero_point")))
         out_dtype = np.dtype(w.dtype)
@@ -307,10 +332,28 @@ class Quantize(Pass):
         for consumer in list(w.outputs):
             if consumer is not node:
                 consumer.inputs = [deq_t if t is w else t for t in consumer.inputs]
-        before = int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
-        after = sum(t._values.nbytes for t in inputs)
-        return {"name": base, "role": use.role, "shape": list(w.shape), "bits": spec.bits, "block": spec.block,
-                "axis": use.axis, "method": spec.method, "bytes_before": int(before), "bytes_after": int(after)}
+
+
+def _key(use: _Use) -> tuple:
+    """What a use's job depends on: the same key before and after an opset upgrade means the
+    same arithmetic (the upgrade keeps weights' values, names and uses)."""
+    return use.weight.name, use.axis, use.role
+
+
+def _entry(use: _Use, spec: QuantSpec, outs: _Outputs) -> dict:
+    """A weight's report entry; its job adds the error figures."""
+    w = use.weight
+    before = int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
+    after = sum(tensor_nbytes(onnx.TensorProto(dims=outs.dims[k], data_type=outs.types[k])) for k in outs.dims)
+    return {"name": w.name, "role": use.role, "shape": list(w.shape), "bits": spec.bits, "block": spec.block,
+            "axis": use.axis, "method": spec.method, "bytes_before": int(before), "bytes_after": int(after)}
+
+
+@dataclass
+class _Job:
+    future: Future
+    outputs: _Outputs
+    info: dict
 
 
 @dataclass
@@ -354,7 +397,8 @@ _RUNNING: set[Future] = set()
 
 def _finish_running() -> None:
     for f in list(_RUNNING):
-        f.exception()  # waits; the error, if any, stays with the future's readers
+        if not f.cancelled():
+            f.exception()  # waits; the error, if any, stays with the future's readers
 
 
 if hasattr(os, "register_at_fork"):

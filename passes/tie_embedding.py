@@ -24,7 +24,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt._ir import Model, array_view
+from graphopt._ir import Model, array_view, sample_elements
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import remove_dead, unique_name
 
@@ -62,11 +62,11 @@ def _sample_positions(shape: tuple, samples: int = 16) -> tuple[np.ndarray, np.n
     return rng.integers(0, shape[0], samples), rng.integers(0, shape[1], samples)
 
 
-def _fingerprint(values: np.ndarray, positions: tuple[np.ndarray, np.ndarray], transposed: bool) -> bytes:
+def _fingerprint(t: gs.Constant, positions: tuple[np.ndarray, np.ndarray], transposed: bool) -> bytes:
     """Bytes of the sampled elements; ``transposed`` reads ``values.T`` at ``positions``, so a
     matrix and its transposed copy have the same fingerprint."""
     i, j = positions
-    return np.ascontiguousarray(values[j, i] if transposed else values[i, j]).tobytes()
+    return (sample_elements(t, j, i) if transposed else sample_elements(t, i, j)).tobytes()
 
 
 def _is_embedding(t: gs.Constant) -> bool:
@@ -98,9 +98,7 @@ class TieEmbeddingDedupe(Pass):
                 positions = _sample_positions(frame)
                 result = {}
                 for t in by_shape[shape]:
-                    if id(t) not in views:
-                        views[id(t)] = array_view(t)
-                    result[id(t)] = _fingerprint(views[id(t)], positions, transposed)
+                    result[id(t)] = _fingerprint(t, positions, transposed)
                 prints[key] = result
             return prints[key]
 

@@ -275,3 +275,18 @@ def test_fixture_set_is_complete():
     assert expected <= names, f"missing fixtures: {sorted(expected - names)}; run tests/fixtures/export.py"
     for p in FIXTURE_MODELS:
         assert p.with_suffix(".npz").is_file(), p
+
+
+def test_sample_elements_reads_external_weights_without_mapping_them(tmp_path):
+    from graphopt._ir import sample_elements
+
+    src = save_external(make_mlp(), tmp_path / "m.onnx")  # onnx.save moves the proto's data out
+    external = {t.name: t for t in graphopt.load(src).constants().values()}
+    memory = {t.name: t for t in graphopt.Model.from_proto(make_mlp()).constants().values()}
+    rows, cols = np.array([0, 63, 5, 5]), np.array([0, 63, 17, 0])
+    for name in ("w0", "w2"):
+        assert isinstance(external[name]._values, ExternalValues)
+        expected = np.asarray(memory[name].values)[rows, cols]
+        np.testing.assert_array_equal(sample_elements(external[name], rows, cols), expected)
+        np.testing.assert_array_equal(sample_elements(memory[name], rows, cols), expected)
+        assert external[name]._values.loads == 0  # never mapped
