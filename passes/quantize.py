@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphopt._errors import GraphoptError
-from graphopt._ir import Model, RawValues, array_view, populate, tensor_nbytes
+from graphopt._ir import Model, RawValues, array_view, populate, tensor_nbytes, values_view
 from graphopt._memory import reuse_freed_memory
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
@@ -112,6 +112,9 @@ class _Use:
     axis: int  # the reduction axis of the weight as stored
     role: str  # "linear", "lm_head", "embedding", "tied"
     activation: gs.Tensor | None = None  # the MatMul input, for activation-aware scales
+    #: The weight's values object, taken when the job is queued: the graph's constants may be
+    #: swapped for stubs meanwhile (an opset upgrade exports the graph without its weights).
+    values: object = None
 
 
 def _reaches_output(t: gs.Tensor, outputs: set[int], hops: int = 3) -> bool:
@@ -222,7 +225,8 @@ class Quantize(Pass):
             spec = specs[use.role]
             outputs = _Outputs.of(use, spec)
             info = _entry(use, spec, outputs)
-            future = pool.submit(_job, use, spec, importance.get(id(use.weight)), outputs, info)
+            future = pool.submit(_job, dataclasses.replace(use, values=use.weight._values), spec,
+                                 importance.get(id(use.weight)), outputs, info)
             jobs[_key(use)] = _Job(future, outputs, info)
 
     # ------------------------------------------------------------- find
@@ -448,7 +452,7 @@ def _job(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None
 def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None) -> tuple:
     """The arithmetic of one weight (no graph access: runs on a worker thread): the result,
     and codes and zero points as they will be stored."""
-    values = array_view(use.weight)  # no copy of the float weight
+    values = values_view(use.values) if use.values is not None else array_view(use.weight)  # no copy
     populate(values)
     mat = values if use.axis == 0 else values.T  # reduction axis first
     if isinstance(importance, Calibration):

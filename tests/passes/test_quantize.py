@@ -356,3 +356,31 @@ def test_fork_waits_for_background_arithmetic(tmp_path, monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
     out.save(tmp_path / "parent.onnx")
     assert (tmp_path / "child.onnx").read_bytes() == (tmp_path / "parent.onnx").read_bytes()
+
+
+def test_jobs_read_the_weights_they_were_queued_with(tmp_path, monkeypatch):
+    """rtn's jobs start before the opset upgrade, which exports the graph with its weights
+    swapped for stubs: a job reading the graph's constant then would get the stub."""
+    import time
+
+    import graphopt.passes.quantize as qp
+
+    real = qp.ensure_opset
+
+    def upgrade_with_stubs(model, version):
+        held = {id(t): (t, t._values) for t in model.constants().values()}
+        for t, _ in held.values():
+            t._values = None  # what a job must not read
+        time.sleep(0.5)  # the queued jobs run meanwhile
+        for t, v in held.values():
+            t._values = v
+        return real(model, version)
+
+    monkeypatch.setattr(qp, "ensure_opset", upgrade_with_stubs)
+    path = FIXTURES / "llama-dynamo-decode.onnx"
+    out = graphopt.optimize(graphopt.load(path), target="cpu", quant_bits=4,
+                            passes=["quantize", "dead-code-elimination"])
+    out.save(tmp_path / "q.onnx")
+    feeds, _ = split_reference(path)
+    np.testing.assert_allclose(graphopt.compile(out, "cpu").run(feeds)["logits"],
+                               run_ort(tmp_path / "q.onnx", feeds)["logits"], atol=1e-4, rtol=0)
