@@ -61,6 +61,8 @@ def _optimize_options(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = value
     if args.quant_asym:
         options["quant_symmetric"] = False
+    if args.quant_sequential:
+        options["quant_sequential"] = True
     if any(k.startswith("quant_") for k in options) and "quant_bits" not in options:
         raise GraphoptError("quantization options need --quant-bits (4 or 8)")
     if "quant_accuracy_level" in options and options.get("quant_format") != "matmulnbits":
@@ -412,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest (default); search: error-minimising block scales; "
                         "activation: search weighted by activations from sample inputs; "
                         "gptq: minimise each MatMul's output error on calibration activations")
+    q.add_argument("--quant-sequential", action="store_true",
+                   help="gptq: quantize the MatMuls in graph order, each on the inputs the model quantized so "
+                        "far computes, towards the float model's outputs (compensates earlier layers' error; "
+                        "two truncated model runs per MatMul input: slower)")
     q.add_argument("--quant-calib-tokens", type=int, metavar="N",
                    help="gptq: activation rows of generated calibration inputs (default 16384)")
     q.add_argument("--quant-scale-dtype", choices=("float32", "float16"), help="dtype of the scales")

@@ -63,7 +63,7 @@ from graphopt._memory import reuse_freed_memory
 from graphopt._opset import ensure_opset
 from graphopt._pipeline import Pass, PassContext, PassResult
 from graphopt.pattern import producer
-from graphopt.passes._blockquant import QuantSpec, dequantize_blocks, pack_int4, quantize_matrix  # noqa: F401
+from graphopt.passes._blockquant import QuantSpec, Quantized, dequantize_blocks, pack_int4, quantize_matrix
 from graphopt.passes._gptq import Calibration, gptq_matrix
 from graphopt.rewrite import Namer, remove_dead
 
@@ -151,6 +151,8 @@ class Quantize(Pass):
             spec.check(f"quantize ({role})")
         if common["method"] == "gptq":
             _calib_tokens(ctx)  # a bad value is an error before any work
+        elif ctx.option("quant_sequential", False):
+            raise GraphoptError("quantize: quant_sequential is a gptq option (--quant-method gptq)")
         uses = self._find(model, ctx)
         if not uses:
             if ctx.option("quant_include"):
@@ -179,6 +181,8 @@ class Quantize(Pass):
             uses = self._find(model, ctx)  # an upgrade re-creates the graph
             if common["method"] == "activation":
                 importance = self._importance(model, uses)
+            elif common["method"] == "gptq" and ctx.option("quant_sequential", False):
+                importance = self._sequential(model, uses, specs, _calib_tokens(ctx))
             elif common["method"] == "gptq":
                 importance = self._calibrate(model, uses, _calib_tokens(ctx))
             else:
@@ -316,6 +320,68 @@ class Quantize(Pass):
         logger.info("quantize: gptq calibration on %d activation rows (%d runs)", rows, run + 1)
         return {id(u.weight): sums[name] for name, us in wanted.items() if name in sums for u in us}
 
+    def _sequential(self, model: Model, uses: list[_Use], specs: dict[str, QuantSpec],
+                    tokens: int) -> dict[int, Quantized]:
+        """Sequential GPTQ with the float model's outputs as the target: the MatMul inputs are
+        taken in graph order; each group of weights sharing an input is quantized on that input
+        *as the model quantized so far computes it* (X̂, the earlier weights replaced by their
+        dequantized values), towards what the float model computes from its own input (X):
+        W' = argmin ‖X̂·W' − X·W‖ (least squares, ``(X̂ᵀX̂)⁻¹·X̂ᵀX·W``), then GPTQ of W' under
+        X̂ᵀX̂. Each weight so absorbs the part of the earlier weights' error its input can
+        express, instead of adding its own to it. Two runs of a truncated model (float and
+        quantized so far) per group and calibration batch: minutes on a large model. The
+        embedding table and a tied matrix's embedding use are not compensated (they come first)."""
+        from graphopt._api import compile as compile_model
+        from graphopt._inputs import InputSpec, build_inputs
+
+        groups: dict[str, list[_Use]] = {}
+        for u in uses:
+            if u.activation is not None and u.role in specs and u.role != "embedding":
+                groups.setdefault(u.activation.name, []).append(u)
+        model.graph.toposort()
+        depth = {t.name: i for i, n in enumerate(model.graph.nodes) for t in n.outputs}
+        done: dict[str, np.ndarray] = {}  # weight name -> dequantized values, as stored
+        result: dict[int, Quantized] = {}
+        rows_per_run = 32 * 32
+        runs = max(1, min(_MAX_CALIB_RUNS, -(-tokens // rows_per_run)))
+        for name in sorted(groups, key=lambda n: depth.get(n, -1)):
+            ref = _truncated(model, name, {})
+            exe_ref = compile_model(ref, "cpu")
+            exe_q = compile_model(_truncated(model, name, done), "cpu") if done else exe_ref
+            k, cal, cross = 0, None, None
+            for run in range(runs):
+                feeds = build_inputs(model, InputSpec(batch=32, seq=32, past=32, left_pad=0, seed=1000 + run))
+                feeds = {t.name: feeds[t.name] for t in ref.graph.inputs if t.name in feeds}
+                x = exe_ref.run(feeds)[name]
+                xq = exe_q.run(feeds)[name] if exe_q is not exe_ref else x
+                x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+                xq = xq.reshape(-1, xq.shape[-1]).astype(np.float32, copy=False)
+                if cal is None:
+                    k = x.shape[-1]
+                    cal, cross = Calibration.empty(k), np.zeros((k, k), np.float64)
+                cal.add(xq)
+                cross += xq.T.astype(np.float64) @ x
+            hessian, damp = cal.hessian()
+            gram = cal.xtx.astype(np.float64)
+            gram[np.diag_indices(k)] += _LSQ_RIDGE * max(float(np.trace(gram)) / k, 1e-30)
+            for use in groups[name]:
+                spec = specs[use.role]
+                values = array_view(use.weight)
+                w = (values if use.axis == 0 else values.T).astype(np.float64)
+                if w.shape[0] != k or not np.isfinite(hessian).all():
+                    continue  # left to the plain path (search)
+                target = np.linalg.solve(gram, cross @ w).astype(np.float32)
+                q = gptq_matrix(target, hessian, spec, damp)
+                ref_w = w.astype(np.float64)
+                d = ref_w - dequantize_blocks(q.codes, q.scales, q.zeros, spec.block)
+                q = dataclasses.replace(q, err2=float(np.sum(d * d)), ref2=float(np.sum(ref_w * ref_w)))
+                result[id(use.weight)] = q
+                deq = dequantize_blocks(q.codes, q.scales, q.zeros, spec.block).astype(values.dtype)
+                done[use.weight.name] = deq if use.axis == 0 else np.ascontiguousarray(deq.T)
+        logger.info("quantize: sequential gptq over %d inputs, %d calibration rows each", len(groups),
+                    runs * rows_per_run)
+        return result
+
     # ------------------------------------------------------------- rewrite
     def _rewrite(self, graph: gs.Graph, use: _Use, spec: QuantSpec, outs: _Outputs, unique_name) -> None:
         w = use.weight
@@ -422,6 +488,26 @@ def _probe(model: Model, names) -> tuple[Model, list[gs.Tensor]]:
     return probe, extra
 
 
+#: Relative ridge of the sequential least squares (X̂ᵀX̂ is well determined with thousands of
+#: rows; larger values bias the target visibly at 8 bits).
+_LSQ_RIDGE = 1e-6
+
+
+def _truncated(model: Model, output: str, replaced: dict[str, np.ndarray]) -> Model:
+    """A copy of ``model`` that computes only ``output``, with the constants in ``replaced``
+    holding the given values (the dequantized weights of sequential gptq)."""
+    probe = model.copy()
+    for name, t in probe.constants().items():
+        if name in replaced:
+            t.values = replaced[name]
+    t = probe.graph.tensors()[output]
+    if t.dtype is None:
+        t.dtype = np.float32
+    probe.graph.outputs = [t]
+    probe.graph.cleanup(remove_unused_graph_inputs=True)
+    return probe
+
+
 def _calib_tokens(ctx: PassContext) -> int:
     tokens = ctx.option("quant_calib_tokens", 16384)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
@@ -455,7 +541,9 @@ def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | 
     values = values_view(use.values) if use.values is not None else array_view(use.weight)  # no copy
     populate(values)
     mat = values if use.axis == 0 else values.T  # reduction axis first
-    if isinstance(importance, Calibration):
+    if isinstance(importance, Quantized):  # computed already (sequential gptq): only the layout
+        q, importance = importance, None
+    elif isinstance(importance, Calibration):
         hessian, damp = importance.hessian() if importance.xtx.shape[0] == mat.shape[0] else (None, 0.0)
         q = gptq_matrix(mat, hessian, spec, damp) if hessian is not None and np.isfinite(hessian).all() else None
         importance = None  # without a usable calibration (non-finite activations): the scale search
