@@ -23,7 +23,9 @@ error weighted per input channel by mean squared activations collected by runnin
 model on the CPU backend with generated inputs) or ``gptq`` (the output error of each
 MatMul on calibration activations, :mod:`graphopt.passes._gptq`: ``quant_calib_tokens``
 rows, 16384 by default, of generated inputs run on the CPU backend; weights without a
-MatMul input, e.g. an embedding table, use ``search``), ``quant_include`` /
+MatMul input, e.g. an embedding table, use ``search``; ``quant_sequential`` makes it
+sequential with the float model's outputs as the target, see :meth:`Quantize._sequential`),
+``quant_include`` /
 ``quant_exclude`` (fnmatch patterns on weight names), ``quant_min_elements``.
 
 A reduction axis that is not a multiple of the block size ends in a partial block: the
