@@ -350,7 +350,7 @@ class Quantize(Pass):
             ref = _truncated(model, name, {})
             exe_ref = compile_model(ref, "cpu")
             exe_q = compile_model(_truncated(model, name, done), "cpu") if done else exe_ref
-            k, cal, cross = 0, None, None
+            k, cal, cross, held = 0, None, None, None
             for run in range(runs):
                 feeds = build_inputs(model, InputSpec(batch=32, seq=32, past=32, left_pad=0, seed=1000 + run))
                 feeds = {t.name: feeds[t.name] for t in ref.graph.inputs if t.name in feeds}
@@ -361,10 +361,15 @@ class Quantize(Pass):
                 if cal is None:
                     k = x.shape[-1]
                     cal, cross = Calibration.empty(k), np.zeros((k, k), np.float64)
-                cal.add(xq)
-                cross += xq.T.astype(np.float64) @ x
+                cal.add(xq)  # the Hessian: every row
+                if run == runs - 1 and runs > 1:
+                    held = (xq, x)  # the last batch checks the least squares fitted on the others
+                else:
+                    cross += xq.T.astype(np.float64) @ x
             hessian, damp = cal.hessian()
             gram = cal.xtx.astype(np.float64)
+            if held is not None:
+                gram -= held[0].T.astype(np.float64) @ held[0]
             gram[np.diag_indices(k)] += _LSQ_RIDGE * max(float(np.trace(gram)) / k, 1e-30)
             for use in groups[name]:
                 spec = specs[use.role]
@@ -372,11 +377,20 @@ class Quantize(Pass):
                 w = (values if use.axis == 0 else values.T).astype(np.float64)
                 if w.shape[0] != k or not np.isfinite(hessian).all():
                     continue  # left to the plain path (search)
-                target = np.linalg.solve(gram, cross @ w).astype(np.float32)
-                q = gptq_matrix(target, hessian, spec, damp)
-                ref_w = w.astype(np.float64)
-                d = ref_w - dequantize_blocks(q.codes, q.scales, q.zeros, spec.block)
-                q = dataclasses.replace(q, err2=float(np.sum(d * d)), ref2=float(np.sum(ref_w * ref_w)))
+                target = w
+                if held is not None and np.isfinite(cross).all():
+                    # W' = W + α·Δ: Δ from the least squares, α ∈ [0, 1] the step that best predicts
+                    # the held-out batch (closed form): with few rows per input channel the fit is
+                    # noise, and α goes to 0 instead of making the weight worse.
+                    delta = np.linalg.solve(gram, cross @ w) - w
+                    xq_h, x_h = (a.astype(np.float64) for a in held)
+                    a, b = (xq_h - x_h) @ w, xq_h @ delta
+                    bb = float(np.sum(b * b))
+                    alpha = min(1.0, max(0.0, -float(np.sum(a * b)) / bb)) if bb > 0 else 0.0
+                    target = w + alpha * delta
+                q = gptq_matrix(target.astype(np.float32), hessian, spec, damp)
+                d = w - dequantize_blocks(q.codes, q.scales, q.zeros, spec.block)
+                q = dataclasses.replace(q, err2=float(np.sum(d * d)), ref2=float(np.sum(w * w)))
                 result[id(use.weight)] = q
                 deq = dequantize_blocks(q.codes, q.scales, q.zeros, spec.block).astype(values.dtype)
                 done[use.weight.name] = deq if use.axis == 0 else np.ascontiguousarray(deq.T)
