@@ -59,6 +59,8 @@ _MEMMAPPABLE = {
     TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
     TensorProto.BOOL,
 }
+# 4-bit numpy dtypes (ml_dtypes) that ONNX stores two to a byte.
+_PACKED_TYPES = {"int4", "uint4"}
 # numpy scalar types whose arrays are an ONNX tensor's raw_data byte for byte.
 _NUMPY_TYPES = {onnx.helper.tensor_dtype_to_np_dtype(t).type: t for t in _MEMMAPPABLE}
 
@@ -520,6 +522,11 @@ class Model:
                 tp = v.tensor
                 if uses_external_data(tp) or not tp.HasField("raw_data") or tensor_nbytes(tp) < EXTERNAL_MIN_BYTES:
                     continue
+                payload, dims, data_type = tp.raw_data, list(tp.dims), tp.data_type
+            elif isinstance(v, np.ndarray) and v.dtype.name in _PACKED_TYPES:
+                # 4-bit values read back as an array (gs's ``values`` replaces the lazy bytes with
+                # one byte per element, which its exporter writes unpacked): pack them again.
+                tp = onnx.numpy_helper.from_array(v, t.name)
                 payload, dims, data_type = tp.raw_data, list(tp.dims), tp.data_type
             elif isinstance(v, np.ndarray) and v.dtype.type in _NUMPY_TYPES and v.dtype.isnative and \
                     v.nbytes >= EXTERNAL_MIN_BYTES:

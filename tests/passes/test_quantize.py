@@ -411,3 +411,17 @@ def test_sequential_needs_gptq():
     with pytest.raises(graphopt.PassError, match="quant_sequential is a gptq option"):
         graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target="cpu", quant_bits=4,
                           quant_sequential=True)
+
+
+def test_int4_values_read_back_still_save_packed(tmp_path):
+    """graphsurgeon's ``values`` turns lazy INT4 bytes into a one-byte-per-element array, which its
+    exporter would write unpacked (twice the declared size): saving packs it again."""
+    path = FIXTURES / "llama-dynamo-decode.onnx"
+    out = graphopt.optimize(graphopt.load(path), target="cpu", quant_bits=4, passes=["quantize", "dead-code-elimination"])
+    out.save(tmp_path / "a.onnx")
+    read = [n.inputs[0].values for n in out.graph.nodes if n.op == "DequantizeLinear"]
+    assert sum(v.dtype.name == "int4" for v in read) == len(read) - 1  # all but the 8-bit LM head
+    out.save(tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx").stat().st_size == (tmp_path / "a.onnx").stat().st_size
+    feeds, _ = split_reference(path)
+    np.testing.assert_array_equal(run_ort(tmp_path / "a.onnx", feeds)["logits"], run_ort(tmp_path / "b.onnx", feeds)["logits"])
