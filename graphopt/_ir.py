@@ -199,11 +199,51 @@ class ExternalValues(LazyValues):
         return f"ExternalValues({self.path.name}@{self.offset}, shape={self.shape}, dtype={self.dtype})"
 
 
-class RawValues(LazyValues):
-    """Values already in ONNX's byte layout (e.g. packed INT4 codes) held in a numpy buffer.
+class BuiltValues(LazyValues):
+    """Values graphopt made (not read from a file) whose TensorProto header is known at once
+    and whose bytes, as ONNX stores them, come on demand from :meth:`payload`. Export and
+    ``load()`` read ``tensor``, a complete TensorProto built when asked; saving writes the
+    payload straight to the file (:meth:`write_to`) and export never touches it."""
 
-    Saving writes the buffer as it is; ``tensor`` (what export and ``load()`` read) builds a
-    complete TensorProto on demand, so nothing else needs to know about this class.
+    #: Whether the bytes are still being computed when made (see :class:`RawValues`).
+    deferred = False
+
+    def __init__(self, name: str, dims: list[int], data_type: int):
+        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
+
+        self.header = TensorProto(name=name, dims=dims, data_type=data_type)
+        self.shape = tuple(dims)
+        self.dtype = get_onnx_tensor_dtype(self.header)
+        self.nbytes = tensor_nbytes(self.header)
+
+    def payload(self) -> np.ndarray:
+        """The tensor's bytes as stored, as a C-contiguous array."""
+        raise NotImplementedError
+
+    def write_to(self, out) -> int:
+        """Write the bytes to the file ``out``; returns how many."""
+        out.write(memoryview(self.payload()).cast("B"))
+        return self.nbytes
+
+    @property
+    def tensor(self) -> TensorProto:
+        full = TensorProto()
+        full.CopyFrom(self.header)
+        full.raw_data = self.payload().tobytes()
+        return full
+
+    @tensor.setter
+    def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
+        self.header = value
+
+    def _sized(self, raw: np.ndarray) -> np.ndarray:
+        if raw.nbytes != self.nbytes:
+            raise ValueError(f"{self.header.name}: {raw.nbytes} bytes for a tensor of {self.nbytes}")
+        return raw
+
+
+class RawValues(BuiltValues):
+    """Values already in ONNX's byte layout (e.g. packed INT4 codes) held in a numpy buffer.
 
     ``raw`` may also be a :class:`concurrent.futures.Future` of the buffer, still being computed
     (the quantize pass's arithmetic runs on a pool while the pipeline goes on): shape, dtype
@@ -213,47 +253,25 @@ class RawValues(LazyValues):
 
     def __init__(self, name: str, dims: list[int], data_type: int, raw: np.ndarray | Future,
                  order: int = 0):
-        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
-
-        self.header = TensorProto(name=name, dims=dims, data_type=data_type)
-        self._raw = raw if isinstance(raw, Future) else np.ascontiguousarray(raw)
-        self._deferred = isinstance(raw, Future)
+        super().__init__(name, dims, data_type)
+        #: Whether the bytes were given as a future (saving's order depends on it, not on
+        #: whether they have been read since, so the file is always the same).
+        self.deferred = isinstance(raw, Future)
+        self._raw = raw if self.deferred else self._sized(np.ascontiguousarray(raw))
         self.order = order
-        self.shape = tuple(dims)
-        self.dtype = get_onnx_tensor_dtype(self.header)
-        self.nbytes = tensor_nbytes(self.header)
-        if isinstance(self._raw, np.ndarray) and self._raw.nbytes != self.nbytes:
-            raise ValueError(f"{name}: {self._raw.nbytes} bytes for a tensor of {self.nbytes}")
-
-    @property
-    def deferred(self) -> bool:
-        """Whether the bytes were given as a future (saving's order depends on it, not on
-        whether the bytes have been read since, so the file is always the same)."""
-        return self._deferred
 
     @property
     def raw(self) -> np.ndarray:
         """The bytes (waits for them if they are still being computed)."""
         if isinstance(self._raw, Future):
-            raw = np.ascontiguousarray(self._raw.result()).reshape(-1).view(np.uint8)
-            if raw.nbytes != self.nbytes:
-                raise ValueError(f"{self.header.name}: {raw.nbytes} bytes for a tensor of {self.nbytes}")
-            self._raw = raw
+            self._raw = self._sized(np.ascontiguousarray(self._raw.result()).reshape(-1).view(np.uint8))
         return self._raw
 
-    @property
-    def tensor(self) -> TensorProto:
-        full = TensorProto()
-        full.CopyFrom(self.header)
-        full.raw_data = self.raw.tobytes()
-        return full
-
-    @tensor.setter
-    def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
-        self.header = value
+    def payload(self) -> np.ndarray:
+        return self.raw
 
 
-class ConcatValues(LazyValues):
+class ConcatValues(BuiltValues):
     """2-D constants joined along their last axis (``matmul-merge``'s merged weight), kept as
     their parts: nothing is joined in memory until a reader asks for the values, and saving
     streams the joined rows a block at a time. A merged fp32 model is then never held twice."""
@@ -262,33 +280,20 @@ class ConcatValues(LazyValues):
     BLOCK_BYTES = 4 * 2**20
 
     def __init__(self, name: str, parts: list):
-        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
-
         shapes = [tuple(p.shape) for p in parts]  # lazy values and arrays both know shape and dtype
         dtype = np.dtype(parts[0].dtype)
         if any(len(sh) != 2 or sh[0] != shapes[0][0] for sh in shapes) or any(np.dtype(p.dtype) != dtype
                                                                                 for p in parts):
             raise ValueError("ConcatValues joins 2-D arrays with the same rows and dtype")
-        dims = [int(shapes[0][0]), sum(int(sh[1]) for sh in shapes)]
+        super().__init__(name, [int(shapes[0][0]), sum(int(sh[1]) for sh in shapes)],
+                         onnx.helper.np_dtype_to_tensor_dtype(dtype))
         self.parts = list(parts)
-        self.header = TensorProto(name=name, dims=dims, data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
-        self.shape = tuple(dims)
-        self.dtype = get_onnx_tensor_dtype(self.header)
-        self.nbytes = dims[0] * dims[1] * dtype.itemsize
-
-    @property
-    def tensor(self) -> TensorProto:
-        full = TensorProto()
-        full.CopyFrom(self.header)
-        full.raw_data = self.load().tobytes()
-        return full
-
-    @tensor.setter
-    def tensor(self, value: TensorProto) -> None:  # LazyValues.__init__ assigns it
-        self.header = value
 
     def load(self) -> np.ndarray:
         return np.concatenate([values_view(p) for p in self.parts], axis=1)
+
+    def payload(self) -> np.ndarray:
+        return self.load()
 
     def write_to(self, out) -> int:
         """Write the joined values' bytes to the file ``out``, a block of rows at a time."""
@@ -474,9 +479,9 @@ class Model:
             v = t._values
             if isinstance(v, np.ndarray) and v.nbytes >= keep_below and v.dtype.kind in "biufc":
                 dims, data_type = list(v.shape), onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
-            elif isinstance(v, (RawValues, ConcatValues)) and v.nbytes >= keep_below:
+            elif isinstance(v, BuiltValues) and v.nbytes >= keep_below:
                 dims, data_type = list(v.header.dims), v.header.data_type
-            elif isinstance(v, LazyValues) and not isinstance(v, (ExternalValues, RawValues, ConcatValues)) and \
+            elif isinstance(v, LazyValues) and not isinstance(v, (ExternalValues, BuiltValues)) and \
                     tensor_nbytes(v.tensor) >= keep_below:
                 dims, data_type = list(v.tensor.dims), v.tensor.data_type
             else:
@@ -510,12 +515,8 @@ class Model:
             v = t._values
             if isinstance(v, ExternalValues):
                 payload, dims, data_type = v, list(v.tensor.dims), v.tensor.data_type
-            elif isinstance(v, RawValues):
+            elif isinstance(v, BuiltValues):
                 if v.nbytes < EXTERNAL_MIN_BYTES and not v.deferred:  # deferred: not waited for by export
-                    continue
-                payload, dims, data_type = v, list(v.header.dims), v.header.data_type
-            elif isinstance(v, ConcatValues):
-                if v.nbytes < EXTERNAL_MIN_BYTES:
                     continue
                 payload, dims, data_type = v, list(v.header.dims), v.header.data_type
             elif isinstance(v, LazyValues):
@@ -581,13 +582,9 @@ class Model:
             else:
                 if total + proto.ByteSize() > PROTOBUF_LIMIT:
                     raise ModelSaveError("the model exceeds protobuf's 2 GiB limit; save with external_data=True")
-                with open(onnx_tmp, "wb", buffering=0) as f:
-                    out = _Output(f)
-                    try:
-                        _write_inline(out, proto, sources)
-                        out.sync()
-                    finally:
-                        out.join()
+                with open(onnx_tmp, "wb", buffering=0) as f, _Output(f) as out:
+                    _write_inline(out, proto, sources)
+                    out.sync()
             if external_data:
                 os.replace(data_tmp, path.with_name(data_name))
             os.replace(onnx_tmp, path)
@@ -659,6 +656,12 @@ class _Output:
             self._thread.join()
             self._thread = None
 
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.join()
+
 
 def _temp_beside(target: Path, temps: list[Path]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -678,23 +681,19 @@ def _write_external(proto: onnx.ModelProto, sources: dict[str, object], data_tmp
                     data_name: str) -> None:
     """Move every large initializer's bytes into ``data_tmp`` (payloads written straight from
     where they are, see :meth:`Model._payloads`) and point the protos at ``data_name``."""
-    with open(data_tmp, "wb", buffering=0) as f:
-        out = _Output(f)
-        try:
-            _write_tensors(out, proto, sources, data_name)
-            out.sync()
-        finally:
-            out.join()
+    with open(data_tmp, "wb", buffering=0) as f, _Output(f) as out:
+        _write_tensors(out, proto, sources, data_name)
+        out.sync()
 
 
 def _write_tensors(out: _Output, proto: onnx.ModelProto, sources: dict[str, object], data_name: str) -> None:
     """Write every large initializer's bytes to ``out`` and point its proto there."""
     for t in _write_order(proto.graph.initializer, sources):
         src = sources.get(t.name) if uses_external_data(t) else None
-        if isinstance(src, RawValues) and src.nbytes < EXTERNAL_MIN_BYTES:  # small, deferred: inline
+        if isinstance(src, BuiltValues) and src.nbytes < EXTERNAL_MIN_BYTES:  # small, deferred: inline
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
-            t.raw_data = src.raw.tobytes()
+            t.raw_data = src.payload().tobytes()
             continue
         if src is None and (not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES):
             continue  # small or typed-field tensors stay inline
@@ -754,10 +753,10 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
 
 def _write_order(initializers, sources: dict[str, object]) -> list[TensorProto]:
     """Initializers in the order their bytes are written: those ready as they come, then those
-    still being computed (deferred :class:`RawValues`) in the order they were submitted."""
+    still being computed (deferred :class:`BuiltValues`) in the order they were submitted."""
     def deferred(t) -> bool:
         src = sources.get(t.name) if uses_external_data(t) else None
-        return isinstance(src, RawValues) and src.deferred
+        return isinstance(src, BuiltValues) and src.deferred
 
     later = sorted((t for t in initializers if deferred(t)), key=lambda t: sources[t.name].order)
     return [t for t in initializers if not deferred(t)] + later
@@ -772,10 +771,8 @@ def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: boo
             if src is not None and {e.key: e.value for e in t.external_data}.get("location") == "<payload>":
                 del t.external_data[:]
                 t.data_location = TensorProto.DEFAULT
-                if isinstance(src, ConcatValues):
-                    src = src.load()
-                elif isinstance(src, RawValues):
-                    src = src.raw
+                if isinstance(src, BuiltValues):
+                    src = src.payload()
                 t.raw_data = b"".join(src.iter_bytes()) if isinstance(src, ExternalValues) else bytes(
                     memoryview(src).cast("B") if isinstance(src, np.ndarray) else src)
     for node in graph.node:
@@ -801,7 +798,7 @@ def _varint(n: int) -> bytes:
 def _payload_length(src) -> int:
     if isinstance(src, ExternalValues):
         return src.length
-    if isinstance(src, (ConcatValues, RawValues)):
+    if isinstance(src, BuiltValues):
         return src.nbytes
     return src.nbytes if isinstance(src, np.ndarray) else len(src)
 
@@ -809,10 +806,8 @@ def _payload_length(src) -> int:
 def _write_payload(out, src) -> int:
     """Write one payload to the unbuffered file ``out``; external data is copied by the kernel
     (``copy_file_range``) where it can be, else streamed."""
-    if isinstance(src, ConcatValues):
+    if isinstance(src, BuiltValues):
         return src.write_to(out)
-    if isinstance(src, RawValues):
-        src = src.raw
     if not isinstance(src, ExternalValues):
         data = memoryview(src).cast("B") if isinstance(src, np.ndarray) else src
         out.write(data)
