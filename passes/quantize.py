@@ -208,8 +208,9 @@ class Quantize(Pass):
             counts["quantized"] += 1
             counts[f"{use.role}"] = counts.get(use.role, 0) + 1
             saved += job.info["bytes_before"] - job.info["bytes_after"]
+        kept = {id(f) for f in used}
         for job in jobs.values():
-            if job.future not in used:
+            if id(job.future) not in kept:
                 job.future.cancel()  # started before an upgrade that changed the weight's use
         _RUNNING.update(used)
         for f in used:
@@ -389,10 +390,10 @@ class Quantize(Pass):
                     alpha = min(1.0, max(0.0, -float(np.sum(a * b)) / bb)) if bb > 0 else 0.0
                     target = w + alpha * delta
                 q = gptq_matrix(target.astype(np.float32), hessian, spec, damp)
-                d = w - dequantize_blocks(q.codes, q.scales, q.zeros, spec.block)
-                q = dataclasses.replace(q, err2=float(np.sum(d * d)), ref2=float(np.sum(w * w)))
-                result[id(use.weight)] = q
-                deq = dequantize_blocks(q.codes, q.scales, q.zeros, spec.block).astype(values.dtype)
+                deq = dequantize_blocks(q.codes, q.scales, q.zeros, spec.block)
+                d = w - deq  # the error figure is against the weight, not the target
+                result[id(use.weight)] = dataclasses.replace(q, err2=float(np.sum(d * d)), ref2=float(np.sum(w * w)))
+                deq = deq.astype(values.dtype)
                 done[use.weight.name] = deq if use.axis == 0 else np.ascontiguousarray(deq.T)
         logger.info("quantize: sequential gptq over %d inputs, %d calibration rows each", len(groups),
                     runs * rows_per_run)
@@ -512,14 +513,11 @@ _LSQ_RIDGE = 1e-6
 def _truncated(model: Model, output: str, replaced: dict[str, np.ndarray]) -> Model:
     """A copy of ``model`` that computes only ``output``, with the constants in ``replaced``
     holding the given values (the dequantized weights of sequential gptq)."""
-    probe = model.copy()
+    probe, extra = _probe(model, [output])
     for name, t in probe.constants().items():
         if name in replaced:
             t.values = replaced[name]
-    t = probe.graph.tensors()[output]
-    if t.dtype is None:
-        t.dtype = np.float32
-    probe.graph.outputs = [t]
+    probe.graph.outputs = extra
     probe.graph.cleanup(remove_unused_graph_inputs=True)
     return probe
 
