@@ -47,7 +47,8 @@ _QUANT_FLAGS = {"quant_bits": "quant_bits", "quant_block": "quant_block", "lm_qu
                 "embed_quant_block": "quant_embed_block", "quant_method": "quant_method",
                 "quant_scale_dtype": "quant_scale_dtype", "quant_min_elements": "quant_min_elements",
                 "quant_include": "quant_include", "quant_exclude": "quant_exclude",
-                "quant_calib_tokens": "quant_calib_tokens", "quant_format": "quant_format",
+                "quant_calib_tokens": "quant_calib_tokens", "quant_gptq_order": "quant_gptq_order",
+                "quant_format": "quant_format",
                 "quant_accuracy_level": "quant_accuracy_level"}
 
 
@@ -418,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: quantize the MatMuls in graph order, each on the inputs the model quantized so "
                         "far computes, towards the float model's outputs (compensates earlier layers' error; "
                         "two truncated model runs per MatMul input: slower)")
+    q.add_argument("--quant-gptq-order", choices=("auto", "natural", "act"),
+                   help="gptq: row order. natural: in order, each block's scale chosen as it starts; act: "
+                        "largest activations first, block scales chosen up front (GPTQ's desc_act); auto "
+                        "(default): both, keeping the smaller output error per weight (twice the gptq time)")
     q.add_argument("--quant-calib-tokens", type=int, metavar="N",
                    help="gptq: activation rows of generated calibration inputs (default 16384)")
     q.add_argument("--quant-scale-dtype", choices=("float32", "float16"), help="dtype of the scales")

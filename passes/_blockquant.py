@@ -67,6 +67,8 @@ class QuantSpec:
     symmetric: bool = True
     scale_dtype: str = "float32"
     method: str = "rtn"
+    #: gptq's row order: auto (both, the smaller output error), natural or act (see _gptq.py).
+    order: str = "auto"
 
     def check(self, what: str) -> None:
         if self.bits not in (4, 8):
@@ -75,6 +77,8 @@ class QuantSpec:
             raise GraphoptError(f"{what}: block size {self.block} is not a power of two >= 16")
         if self.method not in ("rtn", "search", "activation", "gptq"):
             raise GraphoptError(f"{what}: unknown method {self.method!r} (rtn, search, activation, gptq)")
+        if self.order not in ("auto", "natural", "act"):
+            raise GraphoptError(f"{what}: unknown gptq order {self.order!r} (auto, natural, act)")
         if self.scale_dtype not in ("float32", "float16"):
             raise GraphoptError(f"{what}: scale dtype {self.scale_dtype!r} (float32 or float16)")
 
@@ -91,10 +95,15 @@ class Quantized:
     err2: float
     ref2: float
     packed: bool = False
+    #: gptq: the row order kept (natural or act).
+    order: str | None = None
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict:
         rel = math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else 0.0
-        return {"rel_rms_error": rel, "sqnr_db": (20 * math.log10(1 / rel)) if rel > 0 else float("inf")}
+        out = {"rel_rms_error": rel, "sqnr_db": (20 * math.log10(1 / rel)) if rel > 0 else float("inf")}
+        if self.order is not None:
+            out["gptq_order"] = self.order
+        return out
 
 
 def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None,

@@ -23,7 +23,8 @@ error weighted per input channel by mean squared activations collected by runnin
 model on the CPU backend with generated inputs) or ``gptq`` (the output error of each
 MatMul on calibration activations, :mod:`graphopt.passes._gptq`: ``quant_calib_tokens``
 rows, 16384 by default, of generated inputs run on the CPU backend; weights without a
-MatMul input, e.g. an embedding table, use ``search``; ``quant_sequential`` makes it
+MatMul input, e.g. an embedding table, use ``search``; ``quant_gptq_order`` ``auto``
+(default), ``natural`` or ``act`` is GPTQ's row order; ``quant_sequential`` makes it
 sequential with the float model's outputs as the target, see :meth:`Quantize._sequential`),
 ``quant_include`` /
 ``quant_exclude`` (fnmatch patterns on weight names), ``quant_min_elements``.
@@ -141,7 +142,8 @@ class Quantize(Pass):
         block = int(ctx.option("quant_block", 32))
         common = dict(symmetric=bool(ctx.option("quant_symmetric", True)),
                       scale_dtype=str(ctx.option("quant_scale_dtype", "float32")),
-                      method=str(ctx.option("quant_method", "rtn")))
+                      method=str(ctx.option("quant_method", "rtn")),
+                      order=str(ctx.option("quant_gptq_order", "auto")))
         specs = {"linear": QuantSpec(int(bits), block, **common),
                  "lm_head": QuantSpec(int(ctx.option("quant_lm_bits", 8)), int(ctx.option("quant_lm_block", block)),
                                       **common)}
@@ -153,8 +155,10 @@ class Quantize(Pass):
             spec.check(f"quantize ({role})")
         if common["method"] == "gptq":
             _calib_tokens(ctx)  # a bad value is an error before any work
-        elif ctx.option("quant_sequential", False):
-            raise GraphoptError("quantize: quant_sequential is a gptq option (--quant-method gptq)")
+        else:
+            for key in ("quant_sequential", "quant_gptq_order"):
+                if ctx.option(key, None) not in (None, False):
+                    raise GraphoptError(f"quantize: {key} is a gptq option (--quant-method gptq)")
         uses = self._find(model, ctx)
         if not uses:
             if ctx.option("quant_include"):

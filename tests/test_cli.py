@@ -169,3 +169,8 @@ def test_quant_options_need_bits(tmp_path):
     res = _cli("optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--quant-bits", "4", "--quant-block", "48")
     assert res.returncode != 0 and "block size 48 is not a power of two" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "o.onnx").exists()
+    for flags, message in ((["--quant-gptq-order", "act"], "quant_gptq_order is a gptq option"),
+                           (["--quant-sequential"], "quant_sequential is a gptq option")):
+        res = _cli("optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--quant-bits", "4", *flags)
+        assert res.returncode == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not (tmp_path / "o.onnx").exists()

@@ -223,6 +223,40 @@ def test_gptq_lowers_output_error_on_held_out_inputs(symmetric):
         assert q.stats()["rel_rms_error"] == pytest.approx(error_stats(w[:rows], deq)["rel_rms_error"], rel=1e-4)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_act_order_first_quantizes_the_inputs_with_most_energy(symmetric):
+    """Input channels whose variances span 100x: act-order (largest diag(H) first, block scales
+    fixed up front) has a lower output error on held-out inputs than natural order; auto keeps,
+    per weight, the order with the smaller in-sample output error tr(DᵀHD) and says which."""
+    k, n = 128, 64
+    mix = _mixing(k)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    cal = Calibration.empty(k)
+    cal.add(_correlated_inputs(4096, mix, seed=1))
+    held_out = _correlated_inputs(1024, mix, seed=2)
+    hessian, damp = cal.hessian()
+    held, fit = {}, {}
+    for order in ("natural", "act", "auto"):
+        q = gptq_matrix(w, hessian, QuantSpec(4, 32, symmetric, method="gptq", order=order), damp)
+        assert q.stats()["gptq_order"] == (order if order != "auto" else min(fit, key=fit.get))
+        d = w.astype(np.float64) - dequantize_blocks(q.codes, q.scales, q.zeros, 32)
+        held[order] = float(np.sum((held_out @ d) ** 2))
+        fit[order] = float(np.einsum("ij,ij->", d, hessian @ d))
+        # codes stay in range and each row uses its own block's (static) scale
+        lo, hi = (-8, 7) if symmetric else (0, 15)
+        assert q.codes.min() >= lo and q.codes.max() <= hi
+    assert held["act"] < 0.95 * held["natural"], held
+    assert fit["auto"] == pytest.approx(min(fit["natural"], fit["act"]), rel=1e-9)
+
+
+def test_gptq_order_is_checked():
+    model = graphopt.load(FIXTURES / "llama-dynamo-decode.onnx")
+    with pytest.raises(graphopt.PassError, match="quant_gptq_order is a gptq option"):
+        graphopt.optimize(model, target="cpu", quant_bits=4, quant_gptq_order="act")
+    with pytest.raises(graphopt.PassError, match="unknown gptq order 'reverse'"):
+        graphopt.optimize(model, target="cpu", quant_bits=4, quant_method="gptq", quant_gptq_order="reverse")
+
+
 def test_gptq_dampening_shrinks_isotropic_samples_more():
     k = 64
     iso, skew = Calibration.empty(k), Calibration.empty(k)
@@ -251,6 +285,7 @@ def test_gptq_pass_calibrates_on_the_cpu_backend_and_beats_search():
             for method in ("rtn", "search", "gptq")}
     detail = outs["gptq"].history[0].details["weights"]
     assert [(d["name"], d["method"]) for d in detail] == [("w", "gptq")]
+    assert detail[0]["gptq_order"] in ("natural", "act")  # auto: the order kept is reported
     x = np.random.default_rng(99).standard_normal((256, 64)).astype(np.float32)  # not a calibration input
     exact = (x @ _mixing(64)) @ w
     errors = {}
