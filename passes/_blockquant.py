@@ -144,34 +144,47 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
         elif x.dtype != np.float32 or x.strides[1] != x.itemsize or not x.flags.aligned:
             x = np.array(x, dtype=np.float32, order="C")  # a cache-sized, aligned copy
         xb = x.reshape(g1 - g0, b, c1 - c0)
+        # 4-bit round to nearest leaves its codes in [-8, 8] unclipped: they are clipped as int8
+        # (a quarter of the bytes of the float clip; 8-bit codes could reach 128, past int8)
+        late_clip = spec.symmetric and not search and spec.bits == 4
         if spec.symmetric:
             q, sc = (_search_symmetric(xb, spec.bits, imp[g0:g1] if imp is not None else None) if search
-                     else _rtn_symmetric(xb, spec.bits))
+                     else _rtn_symmetric(xb, spec.bits, clip=not late_clip))
             z = None
         else:
             q, sc, z = _asymmetric(xb, spec.bits, imp[g0:g1] if imp is not None else None, search)
             zeros[g0:g1, c0:c1] = z
         if pack:
             tile_codes = q.reshape(-1, c1 - c0)[:r1 - r0].astype(np.int8 if spec.symmetric else np.uint8)
+            if late_clip:
+                np.clip(tile_codes, -8, 7, out=tile_codes)
             codes[r0:r1, c0 // 2:c1 // 2] = pack_int4(tile_codes).reshape(r1 - r0, (c1 - c0) // 2)
         else:
-            codes[r0:r1, c0:c1] = q.reshape(-1, c1 - c0)[:r1 - r0]
+            dest = codes[r0:r1, c0:c1]
+            dest[...] = q.reshape(-1, c1 - c0)[:r1 - r0]
+            if late_clip:
+                np.clip(dest, -8, 7, out=dest)
         scales[g0:g1, c0:c1] = sc
         if i % stride == 0:
+            if late_clip:
+                np.clip(q, -8, 7, out=q)
             e, r = _tile_error(xb, q, sc, z)
             err2 += e
             ref2 += r
     return Quantized(codes, scales, zeros.astype(np.uint8) if zeros is not None else None, err2, ref2, pack)
 
 
-def _rtn_symmetric(xb: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _rtn_symmetric(xb: np.ndarray, bits: int, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (float) and scales; without ``clip`` the codes lie in [-levels, levels]: only
+    values equal to minus the extreme round to +levels, one past the range."""
     levels = 2 ** (bits - 1)  # codes -levels .. levels-1
     hi, lo = xb.max(axis=1), xb.min(axis=1)
     extreme = np.where(hi >= -lo, hi, lo)  # the signed value of largest magnitude
     sc = np.where(extreme != 0, extreme / -levels, 1.0).astype(np.float32)
     q = np.multiply(xb, (1.0 / sc)[:, None, :])
     np.rint(q, out=q)
-    np.clip(q, -levels, levels - 1, out=q)
+    if clip:
+        np.clip(q, -levels, levels - 1, out=q)
     return q, sc
 
 

@@ -58,6 +58,28 @@ def test_the_decomposition_takes_matmulnbits_back_for_the_cpu_backend(options):
         np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
 
 
+def test_round_to_nearest_is_onnxruntimes_quantizer_byte_for_byte():
+    """rtn, 4 bits, block 32, symmetric, as MatMulNBits: every codes blob and scale equals what
+    onnxruntime's MatMulNBitsQuantizer wrote for the same model (the committed
+    ort-llama_dynamo_decode_nbits4 fixture, tests/legalize/make_ort_fixtures.py), LM head included."""
+    from onnx import numpy_helper
+
+    ours = graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target="onnxruntime",
+                             passes=["quantize", "matmulnbits-format", "dead-code-elimination"], quant_bits=4,
+                             quant_block=32, quant_lm_bits=4, quant_format="matmulnbits").to_onnx()
+    theirs = onnx.load(str(FIXTURES / "ort-llama_dynamo_decode_nbits4.onnx"))
+
+    def blobs(model) -> dict:
+        init = {t.name: t for t in model.graph.initializer}
+        return {n.output[0]: [numpy_helper.to_array(init[name]).ravel() for name in n.input[1:3]]
+                for n in model.graph.node if n.op_type == "MatMulNBits"}
+    ours, theirs = blobs(ours), blobs(theirs)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 15
+    for out, (codes, scales) in theirs.items():
+        assert ours[out][0].tobytes() == codes.tobytes(), out
+        assert ours[out][1].tobytes() == scales.tobytes(), out
+
+
 def test_packing_layout():
     codes = np.array([[-8, 7, 0, 1, -1]], np.int8)  # one column, K = 5, block 4: a partial second block
     b, s, z = pack_matmulnbits(codes, np.array([[0.5, 2.0]], np.float32), None, 4, True, 4)
