@@ -653,7 +653,11 @@ def test_dequant_matmul_runs_in_a_child_forked_after_its_pool_started():
                 break
             chunks.append(chunk)
     os.close(read)
-    done, _ = os.waitpid(pid, os.WNOHANG)
+    done = 0
+    while not done and time.monotonic() < deadline:  # the pipe closes a moment before the child is reapable
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            time.sleep(0.01)
     if not done:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
