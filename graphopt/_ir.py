@@ -686,10 +686,15 @@ def _write_external(proto: onnx.ModelProto, sources: dict[str, object], data_tmp
         out.sync()
 
 
+def _source(t: TensorProto, sources: dict[str, object]):
+    """The payload an exported initializer stands for (None: its bytes are in the proto)."""
+    return sources.get(t.name) if uses_external_data(t) else None
+
+
 def _write_tensors(out: _Output, proto: onnx.ModelProto, sources: dict[str, object], data_name: str) -> None:
     """Write every large initializer's bytes to ``out`` and point its proto there."""
     for t in _write_order(proto.graph.initializer, sources):
-        src = sources.get(t.name) if uses_external_data(t) else None
+        src = _source(t, sources)
         if isinstance(src, BuiltValues) and src.nbytes < EXTERNAL_MIN_BYTES:  # small, deferred: inline
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
@@ -727,7 +732,7 @@ def _write_inline(out, proto: onnx.ModelProto, sources: dict[str, object]) -> No
     body.ClearField("initializer")
     pieces: list = [body.SerializeToString()]
     for t in _write_order(proto.graph.initializer, sources):
-        src = sources.get(t.name) if uses_external_data(t) else None
+        src = _source(t, sources)
         if src is None:
             if uses_external_data(t):
                 raise ModelSaveError(f"tensor {t.name!r} refers to external data graphopt did not load")
@@ -755,7 +760,7 @@ def _write_order(initializers, sources: dict[str, object]) -> list[TensorProto]:
     """Initializers in the order their bytes are written: those ready as they come, then those
     still being computed (deferred :class:`BuiltValues`) in the order they were submitted."""
     def deferred(t) -> bool:
-        src = sources.get(t.name) if uses_external_data(t) else None
+        src = _source(t, sources)
         return isinstance(src, BuiltValues) and src.deferred
 
     later = sorted((t for t in initializers if deferred(t)), key=lambda t: sources[t.name].order)
@@ -767,7 +772,7 @@ def _fill_subgraphs(graph: onnx.GraphProto, sources: dict[str, object], top: boo
     graph's are written straight to the file."""
     if not top:
         for t in graph.initializer:
-            src = sources.get(t.name) if uses_external_data(t) else None
+            src = _source(t, sources)
             if src is not None and {e.key: e.value for e in t.external_data}.get("location") == "<payload>":
                 del t.external_data[:]
                 t.data_location = TensorProto.DEFAULT

@@ -134,6 +134,9 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
     m = max(1, tile // (b * cols))
     tiles = [(g, c) for g in range(0, nb, m) for c in range(0, n, cols)]
     stride = max(1, (k * n) // STATS_ELEMENTS)
+    # 4-bit round to nearest leaves its codes in [-8, 8] unclipped: they are clipped as int8
+    # (a quarter of the bytes of the float clip; 8-bit codes could reach 128, past int8)
+    late_clip = spec.symmetric and not search and spec.bits == 4
     err2 = ref2 = 0.0
     for i, (g0, c0) in enumerate(tiles):
         g1, c1 = min(nb, g0 + m), min(n, c0 + cols)
@@ -144,9 +147,6 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
         elif x.dtype != np.float32 or x.strides[1] != x.itemsize or not x.flags.aligned:
             x = np.array(x, dtype=np.float32, order="C")  # a cache-sized, aligned copy
         xb = x.reshape(g1 - g0, b, c1 - c0)
-        # 4-bit round to nearest leaves its codes in [-8, 8] unclipped: they are clipped as int8
-        # (a quarter of the bytes of the float clip; 8-bit codes could reach 128, past int8)
-        late_clip = spec.symmetric and not search and spec.bits == 4
         if spec.symmetric:
             q, sc = (_search_symmetric(xb, spec.bits, imp[g0:g1] if imp is not None else None) if search
                      else _rtn_symmetric(xb, spec.bits, clip=not late_clip))
@@ -175,8 +175,9 @@ def quantize_matrix(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | Non
 
 
 def _rtn_symmetric(xb: np.ndarray, bits: int, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (float) and scales; without ``clip`` the codes lie in [-levels, levels]: only
-    values equal to minus the extreme round to +levels, one past the range."""
+    """Codes (float) and scales; without ``clip`` the codes lie in [-levels, levels]: values
+    opposite the extreme and within half a step of its magnitude round to +levels, one past
+    the range."""
     levels = 2 ** (bits - 1)  # codes -levels .. levels-1
     hi, lo = xb.max(axis=1), xb.min(axis=1)
     extreme = np.where(hi >= -lo, hi, lo)  # the signed value of largest magnitude

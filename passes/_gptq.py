@@ -86,13 +86,10 @@ def gptq_matrix(w: np.ndarray, hessian: np.ndarray, spec: QuantSpec, damp: float
     for act in ((False, True) if order == "auto" else (order == "act",)):
         codes, scales, zeros = _gptq(work, h, spec, damp, act)
         d = ref - dequantize_blocks(codes, scales, zeros, spec.block)
-        if order == "auto":
-            out_err = float(np.einsum("ij,ij->", d, np.asarray(hessian, np.float64) @ d))
-            if best is not None and out_err >= best[0]:
-                continue
-        else:
-            out_err = 0.0
-        best = (out_err, codes, scales, zeros, d, "act" if act else "natural")
+        # auto: the output error decides (dead channels, h's 1 on the diagonal, add the same to both)
+        out_err = float(np.einsum("ij,ij->", d, h @ d)) if order == "auto" else 0.0
+        if best is None or out_err < best[0]:
+            best = (out_err, codes, scales, zeros, d, "act" if act else "natural")
     _, codes, scales, zeros, d, kept = best
     return Quantized(codes, scales, zeros.astype(np.uint8) if zeros is not None else None,
                      float(np.sum(d * d)), float(np.sum(ref * ref)), order=kept)

@@ -333,11 +333,14 @@ class Quantize(Pass):
         taken in graph order; each group of weights sharing an input is quantized on that input
         *as the model quantized so far computes it* (X̂, the earlier weights replaced by their
         dequantized values), towards what the float model computes from its own input (X):
-        W' = argmin ‖X̂·W' − X·W‖ (least squares, ``(X̂ᵀX̂)⁻¹·X̂ᵀX·W``), then GPTQ of W' under
-        X̂ᵀX̂. Each weight so absorbs the part of the earlier weights' error its input can
-        express, instead of adding its own to it. Two runs of a truncated model (float and
-        quantized so far) per group and calibration batch: minutes on a large model. The
-        embedding table and a tied matrix's embedding use are not compensated (they come first)."""
+        W' = W + α·Δ, Δ the least-squares step of X̂·W' ≈ X·W (``(X̂ᵀX̂)⁻¹·X̂ᵀX·W − W`` on all
+        but the last calibration batch) and α ∈ [0, 1] the step that best predicts that held-out
+        batch, then GPTQ of W' under X̂ᵀX̂. Each weight so absorbs the part of the earlier
+        weights' error its input can express, instead of adding its own to it. Two runs of a
+        truncated model (float and quantized so far) per group and calibration batch: minutes
+        on a large model (the float run is repeated per group rather than keeping every group's
+        X, gigabytes on a 150 M model). The embedding table and a tied matrix's embedding use
+        are not compensated (they come first)."""
         from graphopt._api import compile as compile_model
         from graphopt._inputs import InputSpec, build_inputs
 
@@ -556,22 +559,28 @@ def _job(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None
 def _compute(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None) -> tuple:
     """The arithmetic of one weight (no graph access: runs on a worker thread): the result,
     and codes and zero points as they will be stored."""
-    values = values_view(use.values) if use.values is not None else array_view(use.weight)  # no copy
+    if isinstance(importance, Quantized):  # computed already (sequential gptq): only the layout
+        q = importance
+    else:
+        q = _arithmetic(use, spec, importance)
+    zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
+    return q, q.codes.reshape(-1) if q.packed else _layout(q.codes, spec.bits, use.axis), zeros
+
+
+def _arithmetic(use: _Use, spec: QuantSpec, importance: np.ndarray | Calibration | None) -> Quantized:
+    """Quantize the weight's values (read in place, never copied whole) by ``spec``."""
+    values = values_view(use.values)  # taken when the job was queued
     populate(values)
     mat = values if use.axis == 0 else values.T  # reduction axis first
-    if isinstance(importance, Quantized):  # computed already (sequential gptq): only the layout
-        q, importance = importance, None
-    elif isinstance(importance, Calibration):
+    q = None
+    if isinstance(importance, Calibration):
         hessian, damp = importance.hessian() if importance.xtx.shape[0] == mat.shape[0] else (None, 0.0)
         q = gptq_matrix(mat, hessian, spec, damp) if hessian is not None and np.isfinite(hessian).all() else None
         importance = None  # without a usable calibration (non-finite activations): the scale search
-    else:
-        q = None
     if q is None:
         if spec.method == "gptq":  # no calibration for this weight (an embedding table): the scale search
             spec = dataclasses.replace(spec, method="search")
         if importance is not None and importance.shape[0] != mat.shape[0]:
             importance = None
         q = quantize_matrix(mat, spec, importance, pack=use.axis == 0)
-    zeros = _layout(q.zeros, spec.bits, use.axis) if q.zeros is not None else None
-    return q, q.codes.reshape(-1) if q.packed else _layout(q.codes, spec.bits, use.axis), zeros
+    return q
