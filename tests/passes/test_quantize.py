@@ -249,10 +249,11 @@ def test_gptq_act_order_first_quantizes_the_inputs_with_most_energy(symmetric):
     assert fit["auto"] == pytest.approx(min(fit["natural"], fit["act"]), rel=1e-9)
 
 
-def test_gptq_order_is_checked():
+def test_gptq_options_are_checked():
     model = graphopt.load(FIXTURES / "llama-dynamo-decode.onnx")
-    with pytest.raises(graphopt.PassError, match="quant_gptq_order is a gptq option"):
-        graphopt.optimize(model, target="cpu", quant_bits=4, quant_gptq_order="act")
+    for key, value in (("quant_gptq_order", "act"), ("quant_sequential", True)):
+        with pytest.raises(graphopt.PassError, match=f"{key} is a gptq option"):
+            graphopt.optimize(model, target="cpu", quant_bits=4, **{key: value})
     with pytest.raises(graphopt.PassError, match="unknown gptq order 'reverse'"):
         graphopt.optimize(model, target="cpu", quant_bits=4, quant_method="gptq", quant_gptq_order="reverse")
 
@@ -440,12 +441,6 @@ def test_sequential_gptq_compensates_earlier_layers():
             weights = {s.name: s for s in out.history}["quantize"].details["weights"]
             assert len(weights) == 15 and all(w["sqnr_db"] > 10 for w in weights)
     assert err["sequential"] < 0.95 * err["gptq"] and err["sequential"] < 0.85 * err["rtn"], err
-
-
-def test_sequential_needs_gptq():
-    with pytest.raises(graphopt.PassError, match="quant_sequential is a gptq option"):
-        graphopt.optimize(graphopt.load(FIXTURES / "llama-dynamo-decode.onnx"), target="cpu", quant_bits=4,
-                          quant_sequential=True)
 
 
 def test_int4_values_read_back_still_save_packed(tmp_path):
