@@ -102,6 +102,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         table.add_row(s.name, f"{s.nodes_before} → {s.nodes_after}", f"{s.seconds * 1000:.1f} ms", counters)
     table.caption = f"{model.node_count()} → {result.node_count()} nodes, {total:.2f} s in all"
     out.print(table)
+    for s in stats:  # never a silent miss: one line per fusion pass that left candidates
+        if s.counters.get("unfused"):
+            left, done = s.counters["unfused"], s.counters.get("fused", 0)
+            first = s.details["unfused"][0]
+            print(f"warning: {s.name} left {left} of {left + done} candidates unfused; first: {first} "
+                  "(--explain lists each)", file=sys.stderr)
     split_back = [sb for s in stats if isinstance(s, graphopt.LegalizeStats) for sb in s.split_back]
     for sb in split_back:
         out.print(sb.line(), markup=False)

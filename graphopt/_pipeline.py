@@ -56,6 +56,8 @@ class PassContext:
     #: Collected explanations (why a candidate did not match), per pass.
     explain: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Per fusion pass, the candidates it saw but did not fuse, each "what: why".
+    unfused: dict[str, list[str]] = field(default_factory=dict)
 
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)

@@ -5,11 +5,12 @@ need, and implements ``scan(model, ctx, rewrite) -> {rule: count}``. The driver
 
 1. skips (with a note) when the target does not declare an emitted op — fusing what
    the target cannot run would only be split back again;
-2. scans without rewriting; nothing found means nothing changes (with ``--explain``
-   the scan is repeated to collect why each candidate did not match);
+2. scans without rewriting; nothing found means nothing changes (the scan is repeated
+   only to collect why each candidate did not match);
 3. raises the model's opset if needed (``graphopt._opset``), then scans again,
    rewriting, and sweeps dead nodes;
-4. reports ``fused`` and ``rule:<name>`` counters.
+4. reports ``fused`` and ``rule:<name>`` counters, and ``unfused`` with the reasons (a
+   pass records a candidate it left through ``ctx.unfused``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class FusionPass(Pass):
                 ctx.notes.append(f"{self.name}: target {target.name} does not support {', '.join(missing)}; skipped")
                 return PassResult(False, {"skipped_target": 1})
         if not self.scan(model, ctx, rewrite=False):
-            if ctx.explain:  # nothing will be rewritten: collect the reasons only
-                with naming_scope(model.graph):
-                    self.scan(model, ctx, rewrite=True)
-            return PassResult(False, {"fused": 0})
+            # nothing will be rewritten: the rewriting scan only collects why candidates did not fuse
+            with naming_scope(model.graph):
+                self.scan(model, ctx, rewrite=True)
+            return self._result(ctx, {})
         reason = ensure_opset(model, self.opset)
         if reason:
             ctx.notes.append(f"{self.name}: {reason}; nothing fused")
@@ -50,4 +51,15 @@ class FusionPass(Pass):
         with naming_scope(model.graph):
             counts = self.scan(model, ctx, rewrite=True)
         remove_dead(model.graph)
-        return PassResult(bool(counts), {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}})
+        return self._result(ctx, counts)
+
+    def _result(self, ctx: PassContext, counts: dict[str, int]) -> PassResult:
+        """Counters ``fused``, ``rule:<name>`` and ``unfused`` (candidates left, whose reasons
+        are in the details: the CLI warns about them)."""
+        missed = ctx.unfused.get(self.name, [])
+        counters = {"fused": sum(counts.values()), **{f"rule:{k}": v for k, v in counts.items()}}
+        details = {}
+        if missed:
+            counters["unfused"] = len(missed)
+            details["unfused"] = list(missed)
+        return PassResult(bool(counts), counters, details)

@@ -32,6 +32,8 @@ RotaryEmbedding.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -39,6 +41,7 @@ from graphopt._ir import Model
 from graphopt._pipeline import PassContext
 from graphopt.fusion import FusionPass
 from graphopt.pattern import Any, Const, Match, Op, OneOf, Wrapped, const_value, escapes, find, producer
+from graphopt.passes.decompose_attention import never_minus_inf
 from graphopt.rewrite import fuse, unique_name
 
 OPSET = 23
@@ -53,14 +56,34 @@ def _axis_last(a) -> bool:
 
 
 # ------------------------------------------------------------------ patterns
+def _scalar_scaled(inner, name: str):
+    """``inner`` or ``inner · c`` (c a scalar constant, bound as ``name``): SDPA exports scale
+    Q and K by √scale each instead of scaling the scores."""
+    return OneOf(Op("Mul", Wrapped(inner), Const(name, scalar=True)), inner)
+
+
+def _nan_guarded(node: gs.Node, m: Match) -> str | None:
+    return None if node.inputs[2] is m["softmax"].outputs[0] else "the NaN guard selects another tensor"
+
+
 def _attention_pattern():
-    qk = Op("MatMul", Wrapped(Any("q_rot")), Op("Transpose", Wrapped(Any("k_rep")), perm=_perm([0, 1, 3, 2])),
+    k_in = _scalar_scaled(Wrapped(Any("k_rep")), "k_scale_pre")
+    k_t = OneOf(
+        Op("Transpose", k_in, perm=_perm([0, 1, 3, 2])),
+        # torch.onnx (dynamo) transposes SDPA's K as 3-D: [B·H, T, D] → [B·H, D, T] → [B, H, D, T]
+        Op("Reshape", Op("Transpose", Op("Reshape", k_in, Any("kt_flat_shape")), perm=_perm([0, 2, 1])),
+           Any("kt_back_shape"), name="kt_back"))
+    qk = Op("MatMul", _scalar_scaled(Wrapped(Any("q_rot")), "q_scale"), Wrapped(_scalar_scaled(k_t, "k_scale")),
             name="qk")
     scaled = OneOf(Op("Mul", Wrapped(qk), Const("scale", scalar=True)),
-                   Op("Div", Wrapped(qk), Const("divisor", scalar=True)))
+                   Op("Div", Wrapped(qk), Const("divisor", scalar=True)), qk)
     scores = OneOf(Op("Add", Wrapped(scaled), Any("mask")), scaled)
-    probs = Op("Softmax", Wrapped(scores), axis=_axis_last, name="softmax")
-    pv = Op("MatMul", Wrapped(probs), Wrapped(Any("v_rep")))
+    softmax = Op("Softmax", Wrapped(scores), axis=_axis_last, name="softmax")
+    # torch's SDPA decomposition: Where(IsNaN(p), 0, p) — a row with every key masked gives zeros
+    guarded = Op("Where", Op("IsNaN", softmax), Const(value=0.0), Any(), name="nan_guard", check=_nan_guarded)
+    pv = Op("MatMul", Wrapped(OneOf(guarded, softmax)), Wrapped(Any("v_rep")), name="pv")
+    # TorchScript SDPA exports reshape the output to its own shape first
+    pv = OneOf(Op("Reshape", pv, Any("pv_shape"), name="pv_noop"), pv)
     return Op("Reshape", Op("Transpose", pv, perm=_perm([0, 2, 1, 3])), Any("out_shape"))
 
 
@@ -80,6 +103,40 @@ ROTARY = Op("Add",
                Any("sin")))
 REPEAT_KV = Op("Reshape", Op("Expand", Op("Unsqueeze", Any("kv"), extra_inputs=True, name="unsq"), Any()), Any())
 KV_CACHE = Op("Concat", Any("past"), Any("cur"), axis=lambda a: a in (-2, 2))
+
+
+def _nan_guard_of(probs: gs.Tensor) -> gs.Node | None:
+    """The ``Where(IsNaN(p), 0, p)`` that SDPA exports put after the softmax ``p``, if that is
+    all that reads ``p``."""
+    users = probs.outputs
+    if len(users) != 2:
+        return None
+    isnan = next((u for u in users if u.op == "IsNaN"), None)
+    where = next((u for u in users if u.op == "Where"), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs:
+        return None
+    fill = const_value(where.inputs[1])
+    return where if fill is not None and fill.size == 1 and float(fill.reshape(-1)[0]) == 0.0 else None
+
+
+def _attention_shaped(softmax: gs.Node, hops: int = 8) -> bool:
+    """Whether the Softmax reads (through elementwise ops) a MatMul of two activations, i.e.
+    scores of queries against keys; a router's Softmax over x·W is not attention."""
+    frontier = [softmax.inputs[0]]
+    for _ in range(hops):
+        nxt = []
+        for t in frontier:
+            node = producer(t)
+            if node is None:
+                continue
+            if node.op == "MatMul":
+                if all(const_value(i) is None and not isinstance(i, gs.Constant) for i in node.inputs):
+                    return True
+                continue
+            if node.op in ("Add", "Sub", "Mul", "Div", "Where", "Cast", "Tanh", "Identity"):
+                nxt += [i for i in node.inputs if const_value(i) is None]
+        frontier = nxt
+    return False
 
 
 class Reject(Exception):
@@ -161,6 +218,12 @@ class _Layer:
         self.rule_parts: list[str] = []
         #: q/k whose heads were normalised per head: the normalised [B, S, H, D] tensor to flatten.
         self.normed: dict[str, gs.Tensor] = {}
+        #: K and V as [B, Hkv, S, D] heads before any repeat (the cache when there is no past).
+        self.heads: dict[str, gs.Tensor] = {}
+        #: SDPA's NaN guard follows the softmax; how the mask reaches Attention (see _mask_mode).
+        self.guarded = False
+        self.mask_mode = "clamp"
+        self.flat_output = False
 
 
 class AttentionFuse(FusionPass):
@@ -180,9 +243,8 @@ class AttentionFuse(FusionPass):
         for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
             root = self._root_of(softmax)
             if root is None:
-                if ctx.explain and rewrite:
-                    ctx.notes.append(f"attention-fuse: Softmax {softmax.name!r} not fused: its output does not reach "
-                                     "Reshape(Transpose(MatMul(probs, V)))")
+                if rewrite:
+                    self.missed(ctx, softmax, "its output does not reach Reshape(Transpose(MatMul(probs, V)))")
                 continue
             m, why = find(ATTENTION, root)
             try:
@@ -190,8 +252,8 @@ class AttentionFuse(FusionPass):
                     raise Reject(why)
                 layer = self._resolve(m, graph)
             except Reject as e:
-                if ctx.explain and rewrite:
-                    ctx.notes.append(f"attention-fuse: Softmax {softmax.name!r} not fused: {e}")
+                if rewrite:
+                    self.missed(ctx, softmax, str(e))
                 continue
             rule = "attention" + "".join(f"-{p}" for p in layer.rule_parts)
             counts[rule] = counts.get(rule, 0) + 1
@@ -200,10 +262,23 @@ class AttentionFuse(FusionPass):
             self._rewrite(graph, m, root, layer, rule, halves)
         return counts
 
+    def missed(self, ctx: PassContext, softmax: gs.Node, reason: str) -> None:
+        """Record an attention-shaped Softmax that did not fuse (counted and reported as
+        ``unfused``; with --explain also a note)."""
+        if not _attention_shaped(softmax):
+            return
+        line = f"Softmax {softmax.name!r}: {reason}"
+        ctx.unfused.setdefault(self.name, []).append(line)
+        if ctx.explain:
+            ctx.notes.append(f"{self.name}: {line.replace(':', ' not fused:', 1)}")
+
     @staticmethod
     def _root_of(softmax: gs.Node) -> gs.Tensor | None:
         """Follow Softmax → (casts) → MatMul → Transpose → Reshape downstream."""
         t = softmax.outputs[0]
+        guard = _nan_guard_of(t)
+        if guard is not None:
+            t = guard.outputs[0]
         for _ in range(4):
             users = t.outputs
             if len(users) != 1:
@@ -212,8 +287,12 @@ class AttentionFuse(FusionPass):
                 t = users[0].outputs[0]
                 continue
             break
-        for op in ("MatMul", "Transpose", "Reshape"):
-            users = t.outputs
+        for op in ("MatMul", "Reshape", "Transpose", "Reshape"):
+            # Shape nodes may read an intermediate (TorchScript builds reshape targets from it);
+            # the match's escape check makes sure they feed nothing but the block
+            users = [u for u in t.outputs if u.op != "Shape"]
+            if op == "Reshape" and len(users) == 1 and users[0].op == "Transpose":
+                continue  # the optional no-op Reshape after the MatMul
             if len(users) != 1 or users[0].op != op:
                 return None
             t = users[0].outputs[0]
@@ -230,10 +309,12 @@ class AttentionFuse(FusionPass):
         if h % hkv:
             raise Reject(f"{h} query heads are not a multiple of {hkv} KV heads")
         layer.q3, layer.k3, layer.v3, layer.h, layer.hkv, layer.d = q3, k3, v3, h, hkv, d
-        if "scale.value" in m.bindings:
-            layer.scale = float(m["scale.value"].reshape(-1)[0])
-        else:
-            layer.scale = 1.0 / float(m["divisor.value"].reshape(-1)[0])
+        layer.scale = _scale(m)
+        if "kt_back" in m.bindings:
+            _check_transpose_3d(m)
+        if "pv_noop" in m.bindings:
+            _check_noop_reshape(m)
+        layer.guarded = "nan_guard" in m.bindings
         layer.mask = m.get("mask")
         if layer.mask is not None:
             if layer.mask.dtype is not None and np.dtype(layer.mask.dtype).kind != "f":
@@ -241,6 +322,7 @@ class AttentionFuse(FusionPass):
             shape = layer.mask.shape
             if shape is not None and len(shape) != 4:
                 raise Reject(f"mask of rank {len(shape)}, expected 4")
+            layer.mask_mode = _mask_mode(layer.mask, layer.guarded)
         out = m.bindings.get("out_shape")
         root_shape = None
         for n in m.nodes:
@@ -263,6 +345,8 @@ class AttentionFuse(FusionPass):
         layer.rule_parts = [p for p in layer.rule_parts if p not in ("rotary-q", "rotary-k")]
         if layer.cos is not None:
             layer.rule_parts.insert(0, "partial-rotary" if layer.rotary_dim else "rotary")
+        if layer.past_k is None:
+            self._present_without_past(layer, graph)
         keep = tuple(t for t in (layer.present_k, layer.present_v) if t is not None)
         root = next(n for n in m.nodes if n.op == "Reshape" and n.inputs[1] is out).outputs[0]
         reason = escapes(_as_match(layer.nodes), root, graph, keep=keep)
@@ -298,6 +382,7 @@ class AttentionFuse(FusionPass):
                 t = cache["cur"]
                 if "kvcache" not in layer.rule_parts:
                     layer.rule_parts.append("kvcache")
+            layer.heads[which] = t
         if which in ("q", "k"):
             t = self._peel_rotary(t, layer, which)
         heads = _sub(HEADS, t)
@@ -418,27 +503,73 @@ class AttentionFuse(FusionPass):
             q = self._rotary(graph, q, cos_half, sin_half, layer.h, layer.rotary_dim)
             k = self._rotary(graph, k, cos_half, sin_half, layer.hkv, layer.rotary_dim)
         empty = gs.Variable.empty
-        mask = self._clamped(graph, layer.mask, halves) if layer.mask is not None else empty()
+        mask = empty()
+        if layer.mask is not None:
+            mask = layer.mask if layer.mask_mode == "pass" else self._clamped(graph, layer.mask, halves)
         inputs = [q, k, v, mask]
-        y = root
-        if getattr(layer, "flat_output", False):  # Attention gives [B, S, H·D]; the export wanted [B·S, H·D]
-            y = gs.Variable(unique_name(graph, f"{root.name}_bsd"), root.dtype, None)
-        outputs = [y]
+        outputs = [root]
         if layer.past_k is not None and layer.past_v is not None:
             inputs += [layer.past_k, layer.past_v]
-            outputs += [layer.present_k, layer.present_v]
+        if layer.present_k is not None or layer.present_v is not None:
+            outputs += [t if t is not None else gs.Variable(unique_name(graph, f"{root.name}_present_{w}"), v.dtype)
+                        for t, w in ((layer.present_k, "key"), (layer.present_v, "value"))]
         while inputs and not inputs[-1].name:
             inputs.pop()
         node = gs.Node("Attention", unique_name(graph, f"Attention_{root.name}"),
                        attrs={"q_num_heads": layer.h, "kv_num_heads": layer.hkv, "scale": layer.scale},
                        inputs=inputs)
-        fuse(graph, outputs if y is root else [root, *outputs[1:]], node, rule, replaced=layer.nodes)
-        if y is not root:
-            node.outputs[0] = y
+        fuse(graph, outputs, node, rule, replaced=layer.nodes)
+        y = root
+        if layer.flat_output:  # Attention gives [B, S, H·D]; the export wanted [B·S, H·D]
+            bsd = gs.Variable(unique_name(graph, f"{root.name}_bsd"), root.dtype, None)
             flat = gs.Constant(unique_name(graph, f"{root.name}_flat_shape"),
                                np.array([-1, layer.h * layer.d], np.int64))
             graph.nodes.append(gs.Node("Reshape", unique_name(graph, f"Reshape_{root.name}_flat"),
-                                       inputs=[y, flat], outputs=[root]))
+                                       inputs=[bsd, flat], outputs=[y]))
+            y = bsd
+        if layer.mask_mode == "clamp+zero-dead-rows":
+            raw = gs.Variable(unique_name(graph, f"{root.name}_attention"), root.dtype, None)
+            zero = gs.Constant(unique_name(graph, f"{root.name}_zero"), np.zeros((), np.dtype(root.dtype or np.float32)))
+            graph.nodes.append(gs.Node("Where", unique_name(graph, f"Where_{root.name}_dead_rows"),
+                                       inputs=[self._dead_rows(graph, layer.mask, halves), zero, raw], outputs=[y]))
+            y = raw
+        node.outputs[0] = y
+
+    @staticmethod
+    def _dead_rows(graph: gs.Graph, mask: gs.Tensor, cache: dict) -> gs.Tensor:
+        """[B, S, 1]: whether every key of a query row is masked with -inf (once per mask)."""
+        key = ("dead", id(mask))
+        if key not in cache:
+            dtype = np.dtype(mask.dtype) if mask.dtype is not None else np.dtype(np.float32)
+            c = {name: gs.Constant(unique_name(graph, f"{mask.name}_{name}"), v) for name, v in
+                 (("last", np.array([-1], np.int64)), ("head", np.array([1], np.int64)),
+                  ("minus_inf", np.array(-np.inf, dtype)))}
+            row_max, dead4, dead = (gs.Variable(unique_name(graph, f"{mask.name}_{n}")) for n in
+                                    ("row_max", "dead4", "dead_rows"))
+            graph.nodes += [
+                gs.Node("ReduceMax", unique_name(graph, f"ReduceMax_{mask.name}"), attrs={"keepdims": 1},
+                        inputs=[mask, c["last"]], outputs=[row_max]),
+                gs.Node("Equal", unique_name(graph, f"Equal_{mask.name}"), inputs=[row_max, c["minus_inf"]],
+                        outputs=[dead4]),
+                gs.Node("Squeeze", unique_name(graph, f"Squeeze_{mask.name}"), inputs=[dead4, c["head"]],
+                        outputs=[dead])]
+            cache[key] = dead
+        return cache[key]
+
+    @staticmethod
+    def _present_without_past(layer: _Layer, graph: gs.Graph) -> None:
+        """With no past, Attention's present outputs are K and V themselves: a prefill graph that
+        outputs (or otherwise reads) its new K/V heads gets them from the fused op."""
+        inside = {id(n) for n in layer.nodes}
+        outputs = {id(t) for t in graph.outputs}
+        for which, t in layer.heads.items():
+            if id(t) in outputs or any(id(c) not in inside and c.op != "Shape" for c in t.outputs):
+                if which == "k":
+                    layer.present_k = t
+                else:
+                    layer.present_v = t
+        if layer.present_k is not None or layer.present_v is not None:
+            layer.rule_parts.append("present")
 
     @staticmethod
     def _clamped(graph: gs.Graph, mask: gs.Tensor, cache: dict[int, gs.Tensor]) -> gs.Tensor:
@@ -528,3 +659,131 @@ def _as_match(nodes: list[gs.Node]) -> Match:
             seen.add(id(n))
             unique.append(n)
     return Match({}, unique)
+
+
+def _mask_mode(mask: gs.Tensor, guarded: bool) -> str:
+    """How the exporter's additive mask reaches Attention so the fused op computes what the export
+    did on a query row whose every key is masked:
+
+    * ``clamp``: without SDPA's NaN guard, or when no element can be -inf, such a row has uniform
+      weights in the export (the lowest float is finite); ``Max(mask, -1e30)`` keeps it so in every
+      runtime (see ``_clamped``).
+    * ``pass``: with the guard and a mask built as ``Where(c, a, b)`` from -inf and small constants,
+      the export gives zeros there and so does Attention for a row of -inf.
+    * ``clamp+zero-dead-rows``: with the guard and a mask of unknown values: clamp, then zero the
+      rows whose keys are all -inf (a ``Where`` after the op; needs a mask with one head)."""
+    if not guarded or never_minus_inf(mask):
+        return "clamp"
+    node = producer(mask)
+    if node is not None and node.op == "Where":
+        values = [const_value(i) for i in node.inputs[1:]]
+        if all(v is not None and v.size == 1 and (np.isneginf(v).all() or np.abs(v).max() < 1e30) for v in values):
+            return "pass"
+    if mask.shape is None or len(mask.shape) != 4 or mask.shape[1] != 1:
+        raise Reject("a NaN-guarded softmax over a mask that may hold -inf needs a mask with one head axis")
+    return "clamp+zero-dead-rows"
+
+
+def _scale(m: Match) -> float:
+    """The product of every scalar factor on the scores: on QKᵀ (Mul, or Div by √d) and on Q and K."""
+    scale = 1.0
+    if "scale.value" in m.bindings:
+        scale = float(m["scale.value"].reshape(-1)[0])
+    elif "divisor.value" in m.bindings:
+        scale = 1.0 / float(m["divisor.value"].reshape(-1)[0])
+    for key in ("q_scale", "k_scale", "k_scale_pre"):
+        if key + ".value" in m.bindings:
+            scale *= float(m[key + ".value"].reshape(-1)[0])
+    return scale
+
+
+def _check_transpose_3d(m: Match) -> None:
+    """``Reshape(Transpose(Reshape(k, [-1, T, D]), [0, 2, 1]), [B, H, D, T])`` must be Kᵀ exactly:
+    both reshape targets are read symbolically off ``Shape(k)``."""
+    back = m["kt_back"]
+    flat_node = producer(producer(back.inputs[0]).inputs[0])
+    src = flat_node.inputs[0]
+    if src.shape is None or len(src.shape) != 4:
+        raise Reject("K is transposed through 3-D reshapes but its rank is not 4")
+    def is_dim(entry, i: int) -> bool:
+        if isinstance(entry, Dim):
+            return entry.same_as(src, i) or entry.same_as(m["k_rep"], i)
+        return isinstance(src.shape[i], int) and entry == src.shape[i]
+
+    flat, back_dims = shape_entries(m["kt_flat_shape"]), shape_entries(m["kt_back_shape"])
+    if flat is None or len(flat) != 3 or flat[0] != -1 or not (is_dim(flat[1], 2) and is_dim(flat[2], 3)):
+        raise Reject("K is flattened to 3-D with a shape that is not [-1, T, D]")
+    if back_dims is None or len(back_dims) != 4 or not all(is_dim(e, i) for e, i in zip(back_dims, (0, 1, 3, 2))):
+        raise Reject("K is reshaped back to a shape that is not [B, H, D, T]")
+
+
+class Dim(NamedTuple):
+    """Dimension ``i`` of tensor ``t``, as a shape computation reads it (``Shape(t)[i]``)."""
+
+    t: gs.Tensor
+    i: int
+
+    def same_as(self, t: gs.Tensor, i: int) -> bool:
+        """Provably dimension ``i`` of ``t``: the same tensor's, or one that shape inference gave
+        the same symbolic name (the model's declared dims, e.g. ``batch``, or an inferred one)."""
+        if self.t is t and self.i == i:
+            return True
+        mine = self.t.shape[self.i] if self.t.shape is not None and len(self.t.shape) > self.i else None
+        theirs = t.shape[i] if t.shape is not None and len(t.shape) > i else None
+        return isinstance(mine, str) and mine == theirs
+
+
+def shape_entries(t: gs.Tensor, depth: int = 8) -> list | None:
+    """A 1-D int64 shape tensor's elements, each an int or a :class:`Dim` of some tensor (read through Shape/Slice/Gather/Concat/Unsqueeze/Squeeze/Cast/Reshape); None
+    when some element is neither."""
+    v = const_value(t)
+    if v is not None:
+        return [int(x) for x in v.reshape(-1)] if v.dtype.kind in "iu" else None
+    node = producer(t)
+    if node is None or depth == 0:
+        return None
+    if node.op == "Shape":
+        x = node.inputs[0]
+        if x.shape is None:
+            return None
+        rank = len(x.shape)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+        return [Dim(x, i) for i in range(rank)][slice(start, end)]
+    if node.op in ("Unsqueeze", "Squeeze", "Cast", "Reshape", "Identity"):
+        return shape_entries(node.inputs[0], depth - 1)
+    if node.op == "Concat":
+        parts = [shape_entries(i, depth - 1) for i in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if node.op == "Slice":
+        base = shape_entries(node.inputs[0], depth - 1)
+        bounds = [_ints(i) if i.name else None for i in node.inputs[1:]]
+        if base is None or any(b is None or len(b) != 1 for b in bounds):
+            return None
+        start, end, axis, step = (bounds + [[0], [1]][len(bounds) - 2:])[:4]
+        return base[slice(start[0], end[0], step[0])] if axis[0] in (0, -1) else None
+    if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
+        base, idx = shape_entries(node.inputs[0], depth - 1), _ints(node.inputs[1])
+        return None if base is None or idx is None else [base[i] for i in idx]
+    return None
+
+
+def _check_noop_reshape(m: Match) -> None:
+    """The Reshape after probs·V must keep its [B, H, S, D] shape: every target element is the
+    same dimension of the product (or of Q, whose batch and sequence it has) or a matching
+    constant, with at most one -1."""
+    out = m["pv"].outputs[0]
+    q_side = (m["q_rot"], m["qk"].inputs[0])  # the output has Q's batch and sequence
+    entries = shape_entries(m["pv_shape"])
+    if out.shape is None or len(out.shape) != 4 or entries is None or len(entries) != 4:
+        raise Reject("the attention output is reshaped to a shape that is not provably its own")
+    wild = 0
+    for i, e in enumerate(entries):
+        if e == -1:
+            wild += 1
+        elif isinstance(e, Dim):
+            if not (e.same_as(out, i) or (i in (0, 2) and any(e.same_as(q, i) for q in q_side))):
+                raise Reject("the attention output is reshaped to a shape that is not provably its own")
+        elif not (isinstance(out.shape[i], int) and e == out.shape[i]):
+            raise Reject("the attention output is reshaped to a shape that is not provably its own")
+    if wild > 1:
+        raise Reject("the attention output is reshaped with more than one -1")

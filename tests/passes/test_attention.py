@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from conftest import FIXTURES, run_ort, split_reference
+from conftest import CONTROL_MODELS, FIXTURES, SDPA_MODELS, padded_rows_zeroed, run_ort, split_reference
 from graphopt._evaluate import generate
 from graphopt.rewrite import fused_by
 
@@ -90,8 +90,14 @@ def test_target_without_attention_is_respected():
 B, S, H, HKV, D = 2, 3, 4, 2, 8
 
 
-def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, partial=False, qk_norm=False):
-    """A small attention block with the dynamo exporter's structure (no cache, GQA)."""
+def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, partial=False, qk_norm=False,
+         sdpa=None):
+    """A small attention block with the dynamo exporter's structure (no cache, GQA).
+
+    ``sdpa``: torch's SDPA decomposition instead of eager attention: √scale on Q and on Kᵀ, the
+    NaN guard after the softmax; ``"3d"`` also transposes K through 3-D reshapes whose targets
+    come from ``Shape(K)`` (the dynamo export), ``"3d-wrong"`` with a first target that is not
+    ``[-1, T, D]`` (so the product is not Kᵀ)."""
     rng = np.random.default_rng(0)
     inits = {
         "wq": rng.standard_normal((16, H * D)).astype(np.float32) * 0.3,
@@ -147,16 +153,41 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, par
         src = "k_emb" if t == "k" else "v4"
         nodes += [n("Unsqueeze", [src, "ax2"], [f"{t}_u"]), n("Expand", [f"{t}_u", "rep_shape"], [f"{t}_x"]),
                   n("Reshape", [f"{t}_x", "kv_heads"], [f"{t}_rep"])]
-    nodes += [n("Transpose", ["k_rep"], ["kT"], perm=[0, 1, 3, 2]), n("MatMul", ["q_emb", "kT"], ["qk"])]
-    if scale_op == "Mul":
+    if sdpa:
+        inits["root_scale"] = np.array(D ** -0.25, np.float32)
+        inits["nan_fill"] = np.array(0.0, np.float32)
+        nodes.append(n("Mul", ["q_emb", "root_scale"], ["q_scaled"]))
+        if sdpa == "split":
+            nodes.append(n("Transpose", ["k_rep"], ["kT_raw"], perm=[0, 1, 3, 2]))
+        else:
+            inits.update(minus_one=np.array([-1], np.int64), lo2=np.array([-2], np.int64),
+                         start=np.array([0], np.int64), big=np.array([2**62], np.int64))
+            nodes += [n("Shape", ["k_rep"], ["k_shape"]),
+                      n("Slice", ["k_shape", "start", "lo2"], ["k_bh"]),
+                      n("Slice", ["k_shape", "lo2", "minus_one"], ["k_t"]),
+                      n("Slice", ["k_shape", "minus_one", "big"], ["k_d"]),
+                      n("Concat", ["minus_one", "k_t", "k_d"] if sdpa == "3d" else ["minus_one", "k_d", "k_t"],
+                        ["flat_shape"], axis=0),
+                      n("Concat", ["k_bh", "k_d", "k_t"], ["back_shape"], axis=0),
+                      n("Reshape", ["k_rep", "flat_shape"], ["k_flat"]),
+                      n("Transpose", ["k_flat"], ["k_flat_t"], perm=[0, 2, 1]),
+                      n("Reshape", ["k_flat_t", "back_shape"], ["kT_raw"])]
+        nodes += [n("Mul", ["kT_raw", "root_scale"], ["kT"]), n("MatMul", ["q_scaled", "kT"], ["scaled"])]
+    else:
+        nodes += [n("Transpose", ["k_rep"], ["kT"], perm=[0, 1, 3, 2]), n("MatMul", ["q_emb", "kT"], ["qk"])]
+    if sdpa:
+        pass
+    elif scale_op == "Mul":
         nodes.append(n("Mul", ["qk", "scale"], ["scaled"]))
     else:
         inits["scale"] = np.array(D ** 0.5, np.float32)
         nodes.append(n("Div", ["qk", "scale"], ["scaled"]))
     if mask:
         nodes.append(n("Add", ["scaled", "mask"], ["scores"]))
-    nodes += [n("Softmax", ["scores" if mask else "scaled"], ["probs"], axis=-1),
-              n("MatMul", ["probs", "v_rep"], ["ctx4"]),
+    nodes.append(n("Softmax", ["scores" if mask else "scaled"], ["probs"], axis=-1))
+    if sdpa:
+        nodes += [n("IsNaN", ["probs"], ["probs_nan"]), n("Where", ["probs_nan", "nan_fill", "probs"], ["probs_ok"])]
+    nodes += [n("MatMul", ["probs_ok" if sdpa else "probs", "v_rep"], ["ctx4"]),
               n("Transpose", ["ctx4"], ["ctx_t"], perm=[0, 2, 1, 3]), n("Reshape", ["ctx_t", "out_shape"], ["y"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, H * D])]
     if escape:
@@ -171,20 +202,22 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, par
     return graphopt.Model.from_proto(proto)
 
 
-def _feeds(mask=True):
+def _feeds(mask=True, fill=np.finfo(np.float32).min):
     rng = np.random.default_rng(1)
     feeds = {"x": rng.standard_normal((B, S, 16)).astype(np.float32),
              "pos": np.array([[0, 1, 2], [0, 0, 1]], np.int64)}
     if mask:
-        m = np.triu(np.full((S, S), np.finfo(np.float32).min, np.float32), 1)[None, None].repeat(B, 0)
-        m[1, :, :, 0] = np.finfo(np.float32).min  # left padding: the first query of row 1 sees nothing
+        m = np.triu(np.full((S, S), fill, np.float32), 1)[None, None].repeat(B, 0)
+        m[1, :, :, 0] = fill  # left padding: the first query of row 1 sees nothing
         feeds["mask"] = m
     return feeds
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(scale_op="Div"), dict(mask=False), dict(partial=True),
-                                     dict(qk_norm=True), dict(partial=True, qk_norm=True)],
-                         ids=["mul-scale", "div-scale", "no-mask", "partial-rotary", "qk-norm", "partial-qk-norm"])
+                                     dict(qk_norm=True), dict(partial=True, qk_norm=True), dict(sdpa="split"),
+                                     dict(sdpa="3d"), dict(sdpa="3d", qk_norm=True)],
+                         ids=["mul-scale", "div-scale", "no-mask", "partial-rotary", "qk-norm", "partial-qk-norm",
+                              "sdpa-split-scale", "sdpa-3d-transpose", "sdpa-qk-norm"])
 def test_hand_built_variants(variant):
     model = _mha(**variant)
     out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse",
@@ -201,10 +234,28 @@ def test_hand_built_variants(variant):
     np.testing.assert_allclose(run_ort(out, feeds)["y"], run_ort(model, feeds)["y"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fill", [-np.inf, np.finfo(np.float32).min], ids=["minus-inf", "lowest-float"])
+def test_sdpa_nan_guard_keeps_fully_masked_rows(fill):
+    """TorchScript's SDPA masks with -inf and its NaN guard zeroes a row with every key masked;
+    dynamo's masks with the lowest float (no NaN, uniform weights). The fused op must give the
+    same for both, in onnxruntime and on the cpu backend."""
+    model = _mha(sdpa="3d")
+    out = graphopt.optimize(model, target="cpu", passes=["shape-inference", "attention-fuse",
+                                                         "dead-code-elimination"], verify=True)
+    assert out.op_histogram()["Attention"] == 1
+    feeds = _feeds(fill=fill)
+    want = run_ort(model, feeds)["y"]
+    assert np.isfinite(want).all()
+    assert (np.abs(want[1, 0]).max() == 0) == np.isneginf(fill)  # the padded query row
+    np.testing.assert_allclose(run_ort(out, feeds)["y"], want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(graphopt.compile(out, "cpu").run(feeds)["y"], want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("variant, reason", [
     (dict(rotary_halves=(2, D)), "are not rotate-half over the full head"),
     (dict(escape=True), "'probs' is a graph output"),
-], ids=["partial-rotary", "escaping-probs"])
+    (dict(sdpa="3d-wrong"), "K is flattened to 3-D with a shape that is not [-1, T, D]"),
+], ids=["partial-rotary", "escaping-probs", "sdpa-3d-not-a-transpose"])
 def test_refused_with_reason(variant, reason):
     model = _mha(**variant)
     out = graphopt.optimize(model, target="onnxruntime", passes=["shape-inference", "attention-fuse"], explain=True)
@@ -256,10 +307,8 @@ def test_other_architectures_greedy_tokens(family):
     assert generate(out, ref["prompt_ids"].tolist(), 32, "cpu") == ref["tokens"].tolist()
 
 
-def test_gpt2_negative_control():
-    from conftest import CONTROL_MODELS
-
-    (path,) = CONTROL_MODELS
+@pytest.mark.parametrize("path", CONTROL_MODELS, ids=[p.stem for p in CONTROL_MODELS])
+def test_gpt2_negative_control(path):
     model = graphopt.load(path)
     out = graphopt.optimize(model, target="cpu", verify=True)
     ops = out.op_histogram()
@@ -271,3 +320,84 @@ def test_gpt2_negative_control():
     got = graphopt.compile(out, "cpu").run(feeds)
     assert _compare(got, expected, 1e-4) <= 1e-4
     assert _compare(run_ort(out, feeds), run_ort(model, feeds), 1e-5) <= 1e-5
+
+
+# ------------------------------------------- the library default: sdpa exports
+def _families(path) -> tuple[str, str, str]:
+    family, exporter, _, graph = path.stem.split("-")
+    return family, exporter, graph
+
+
+@pytest.mark.parametrize("path", SDPA_MODELS, ids=[p.stem for p in SDPA_MODELS])
+def test_sdpa_exports_fully_fused_and_exact(path):
+    """transformers' default attention, both exporters, prefill (with its KV cache outputs) and
+    decode, left-padded batch: every block and norm fuses, nothing is reported unfused, and the
+    outputs equal the unfused export's in onnxruntime and on the cpu backend."""
+    family, exporter, graph = _families(path)
+    model = graphopt.load(path)
+    out = graphopt.optimize(model, target="cpu", verify=True)
+    layers = _layers(model)
+    ops = out.op_histogram()
+    assert ops["Attention"] == layers and "Softmax" not in ops, out.notes
+    assert ops["RotaryEmbedding"] == 2 * layers
+    assert ops["RMSNormalization"] == EXPECTED_NORMS.get(family, 2 * layers + 1)
+    stats = {s.name: s for s in out.history}
+    assert "unfused" not in stats["attention-fuse"].counters
+    assert out.node_count() <= (0.45 if exporter == "dynamo" else 0.2) * model.node_count()
+    parts = {p for n in out.graph.nodes if n.op == "Attention" for p in fused_by(n).split("-")}
+    assert ("kvcache" in parts) == (graph == "decode") and ("present" in parts) == (graph == "prefill")
+    feeds, expected = split_reference(path)
+    assert feeds["attention_mask"][1, 0] == 0  # left-padded
+    unfused, fused = run_ort(model, feeds), run_ort(out, feeds)
+    cpu_unfused = graphopt.compile(model, "cpu").run(feeds)
+    cpu_fused = graphopt.compile(out, "cpu").run(feeds)
+    assert set(fused) == set(expected)
+    for name in unfused:
+        np.testing.assert_allclose(fused[name], unfused[name], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(cpu_fused[name], cpu_unfused[name], atol=1e-5, rtol=0, err_msg=name)
+    got, want = padded_rows_zeroed(path, feeds, fused), padded_rows_zeroed(path, feeds, expected)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+SDPA_DECODE = [p for p in SDPA_MODELS if p.stem.endswith("decode")]
+
+
+@pytest.mark.parametrize("path", SDPA_DECODE, ids=[p.stem for p in SDPA_DECODE])
+def test_sdpa_greedy_tokens(path):
+    family = path.name.split("-")[0]
+    ref = np.load(FIXTURES / f"{family}-greedy.npz")
+    out = graphopt.optimize(graphopt.load(path), target="cpu")
+    assert generate(out, ref["prompt_ids"].tolist(), 32, "cpu") == ref["tokens"].tolist()
+
+
+def test_unfused_attention_is_reported(tmp_path):
+    """Qwen3's per-head norms are matched fused: without rmsnorm-fuse its attention cannot fuse,
+    and optimize says so on stderr (one line) and in the report, not only under --explain."""
+    from conftest import run_cli
+
+    report = tmp_path / "r.json"
+    res = run_cli("optimize", FIXTURES / "qwen3-dynamo-sdpa-decode.onnx", "-o", tmp_path / "o.onnx", "--target",
+                  "cpu", "--disable-pass", "rmsnorm-fuse", "--report", report)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: attention-fuse")]
+    assert len(lines) == 1, res.stderr
+    assert "left 2 of 2 candidates unfused" in lines[0] and "is not a [B,S,H·D] projection" in lines[0]
+    import json
+
+    stats = {p["name"]: p for p in json.loads(report.read_text())["passes"]}["attention-fuse"]
+    assert stats["counters"]["unfused"] == 2 and len(stats["details"]["unfused"]) == 2
+    ok = run_cli("optimize", FIXTURES / "qwen3-dynamo-sdpa-decode.onnx", "-o", tmp_path / "p.onnx", "--target", "cpu")
+    assert ok.returncode == 0 and "warning" not in ok.stderr
+
+
+def test_router_softmax_is_not_an_attention_candidate():
+    """A Softmax over x·W (an MoE router, a classifier head) is not attention-shaped."""
+    n = helper.make_node
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    g = helper.make_graph([n("MatMul", ["x", "w"], ["s"]), n("Softmax", ["s"], ["y"], axis=-1)], "router",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = graphopt.Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    out = graphopt.optimize(model, target="cpu", passes=["attention-fuse"])
+    assert "unfused" not in out.history[-1].counters
