@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import graphopt
-from conftest import ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, run_ort, split_reference
+from conftest import (ARCH_MODELS, CONTROL_MODELS, FIXTURE_MODELS, FIXTURES, SDPA_MODELS, padded_rows_zeroed, run_ort,
+                      split_reference)
 from graphopt._conformance import applicable, run_case
 from graphopt._evaluate import generate, load_inputs
 from graphopt.backends import cuda_kernels as ck
@@ -23,7 +24,7 @@ from graphopt.backends.cuda_runtime import DYNAMIC, STATIC, STATIC_DATA, STATIC_
 
 EMU = CudaBackend(emulate=True, fused_attention=False)  # Attention/RotaryEmbedding split back
 FUSED = CudaBackend(emulate=True, fused_attention=True)  # with the device Attention and RotaryEmbedding
-ALL_MODELS = FIXTURE_MODELS + ARCH_MODELS + CONTROL_MODELS
+ALL_MODELS = FIXTURE_MODELS + ARCH_MODELS + SDPA_MODELS + CONTROL_MODELS
 
 
 def _optimized(path, backend=FUSED, **options):
@@ -43,7 +44,9 @@ def test_fixture_optimized_for_cuda_matches_torch(path, backend):
     second = exe.run(feeds)  # same shapes: the host's shape arithmetic is not run again
     assert exe.stats["host_steps_run"] == host_runs > 0
     assert exe.stats["downloads"] == 0  # no device value is ever read back mid-step
+    expected = padded_rows_zeroed(path, feeds, expected)
     for got in (first, second):
+        got = padded_rows_zeroed(path, feeds, got)
         for name, ref in expected.items():
             assert got[name].shape == ref.shape and got[name].dtype == ref.dtype, name
             np.testing.assert_allclose(got[name], ref, atol=1e-4, rtol=0, err_msg=name)
