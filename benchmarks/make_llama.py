@@ -2,7 +2,8 @@
 
 Default: ~150 M parameters (hidden 1024, 8 layers, 16 query / 4 KV heads, intermediate
 2816, vocab 32000, untied), fp32, the decode graph with KV cache (Hugging Face I/O
-names), exported by torch's dynamo exporter — the same machinery as the test fixtures.
+names), exported by torch's dynamo exporter with transformers' default attention (``--attn sdpa``;
+``--attn eager`` for the explicit form) — the same machinery as the test fixtures.
 
     python benchmarks/make_llama.py --out benchmarks/work/llama-150m-decode.onnx
     python benchmarks/make_llama.py --preset qwen2-0.5b --out benchmarks/work/qwen2-0.5b-decode.onnx
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--graph", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa",
+                   help="transformers' attention implementation (sdpa is its default)")
     p.add_argument("--genai-peer", metavar="DIR",
                    help="also write onnxruntime-genai's model builder output (fp32, cpu) of the same model to DIR")
     args = p.parse_args(argv)
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     exp = {("dynamo", "decode"): ex.DYNAMO_DECODE, ("dynamo", "prefill"): ex.DYNAMO_PREFILL,
            ("torchscript", "decode"): ex.TS_DECODE, ("torchscript", "prefill"): ex.TS_PREFILL}[args.exporter, args.graph]
+    exp = ex.dataclasses.replace(exp, attn=args.attn)
     opset = ex.export_one(model, exp, str(out), external_data=params * 4 > 1.5e9)
     size = sum(f.stat().st_size for f in (out, Path(str(out) + ".data")) if f.exists())
     print(f"wrote {out}: {params / 1e6:.1f} M parameters, opset {opset}, {size / 2**20:.0f} MiB")

@@ -17,10 +17,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_MODELS = sorted(FIXTURES / f"{m}-{e}-{g}.onnx" for m in ("llama", "qwen2")
                         for e in ("dynamo", "torchscript") for g in ("prefill", "decode"))
 #: Other architectures and exporter settings, for generalisation (see tests/fixtures/README.md).
+#: Families whose attention graphopt does not fuse yet (Gemma-2's softcapping, Gemma-3's (1+w) q/k
+#: norms): tested for being reported and staying exact, not for fusing.
+NOT_YET_FUSED = ("gemma2", "gemma3")
 ARCH_MODELS = sorted(p for p in FIXTURES.glob("*-dynamo*-*.onnx")
-                     if p not in FIXTURE_MODELS and "-sdpa-" not in p.name and not p.name.startswith(("gpt2", "ort-")))
+                     if p not in FIXTURE_MODELS and "-sdpa-" not in p.name
+                     and not p.name.startswith(("gpt2", "ort-", *NOT_YET_FUSED)))
 #: transformers' default attention (sdpa), both exporters, prefill graphs with their KV cache outputs.
-SDPA_MODELS = sorted(p for p in FIXTURES.glob("*-sdpa-*.onnx") if not p.name.startswith("gpt2"))
+SDPA_MODELS = sorted(p for p in FIXTURES.glob("*-sdpa-*.onnx") if not p.name.startswith(("gpt2", *NOT_YET_FUSED)))
+UNFUSED_MODELS = sorted(p for p in FIXTURES.glob("*.onnx") if p.name.startswith(NOT_YET_FUSED))
 CONTROL_MODELS = sorted(FIXTURES.glob("gpt2-*.onnx"))
 
 
