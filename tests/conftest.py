@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+from fixtures.padding import zero_padded_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: The core set: Llama (untied) and Qwen2 (tied) × dynamo/TorchScript × prefill/decode.
@@ -70,16 +71,7 @@ def padded_rows_zeroed(path: Path, feeds: dict, outs: dict) -> dict:
     entry = next((f for f in manifest().get("files", []) if f["file"] == path.name), {})
     if "padded_query_rows" not in entry:
         return outs
-    pad = feeds["attention_mask"] == 0
-    fixed = {}
-    for name, v in outs.items():
-        v = np.array(v, copy=True)
-        if name == "logits":
-            v[pad] = 0
-        elif name.startswith("present."):
-            v.transpose(0, 2, 1, 3)[pad] = 0
-        fixed[name] = v
-    return fixed
+    return zero_padded_rows(feeds, outs)
 
 
 def run_ort(model: graphopt.Model | Path, feeds: dict) -> dict[str, np.ndarray]:
