@@ -5,12 +5,12 @@ need, and implements ``scan(model, ctx, rewrite) -> {rule: count}``. The driver
 
 1. skips (with a note) when the target does not declare an emitted op — fusing what
    the target cannot run would only be split back again;
-2. scans without rewriting; nothing found means nothing changes (the scan is repeated
-   only to collect why each candidate did not match);
+2. scans without rewriting; nothing found means nothing changes (with ``--explain``, or for a
+   pass that ``counts_misses``, the scan is repeated to collect why each candidate did not match);
 3. raises the model's opset if needed (``graphopt._opset``), then scans again,
    rewriting, and sweeps dead nodes;
 4. reports ``fused`` and ``rule:<name>`` counters, and ``unfused`` with the reasons (a
-   pass records a candidate it left through ``ctx.unfused``).
+   pass records a candidate it left with :meth:`FusionPass.miss`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class FusionPass(Pass):
     emits: ClassVar[tuple[str, ...]] = ()
     #: The opset those ops need.
     opset: ClassVar[int] = 23
+    #: Whether the pass records the candidates it leaves (:meth:`miss`) even without --explain:
+    #: then a scan that finds nothing runs again to collect them.
+    counts_misses: ClassVar[bool] = False
 
     def scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:  # pragma: no cover
         raise NotImplementedError
@@ -40,9 +43,9 @@ class FusionPass(Pass):
                 ctx.notes.append(f"{self.name}: target {target.name} does not support {', '.join(missing)}; skipped")
                 return PassResult(False, {"skipped_target": 1})
         if not self.scan(model, ctx, rewrite=False):
-            # nothing will be rewritten: the rewriting scan only collects why candidates did not fuse
-            with naming_scope(model.graph):
-                self.scan(model, ctx, rewrite=True)
+            if ctx.explain or self.counts_misses:  # nothing will be rewritten: collect the reasons only
+                with naming_scope(model.graph):
+                    self.scan(model, ctx, rewrite=True)
             return self._result(ctx, {})
         reason = ensure_opset(model, self.opset)
         if reason:
@@ -52,6 +55,13 @@ class FusionPass(Pass):
             counts = self.scan(model, ctx, rewrite=True)
         remove_dead(model.graph)
         return self._result(ctx, counts)
+
+    def miss(self, ctx: PassContext, what: str, reason: str) -> None:
+        """Record a candidate left unfused: counted as ``unfused`` with its reason, and a note
+        under --explain."""
+        ctx.unfused.setdefault(self.name, []).append(f"{what}: {reason}")
+        if ctx.explain:
+            ctx.notes.append(f"{self.name}: {what} not fused: {reason}")
 
     def _result(self, ctx: PassContext, counts: dict[str, int]) -> PassResult:
         """Counters ``fused``, ``rule:<name>`` and ``unfused`` (candidates left, whose reasons

@@ -105,20 +105,6 @@ REPEAT_KV = Op("Reshape", Op("Expand", Op("Unsqueeze", Any("kv"), extra_inputs=T
 KV_CACHE = Op("Concat", Any("past"), Any("cur"), axis=lambda a: a in (-2, 2))
 
 
-def _nan_guard_of(probs: gs.Tensor) -> gs.Node | None:
-    """The ``Where(IsNaN(p), 0, p)`` that SDPA exports put after the softmax ``p``, if that is
-    all that reads ``p``."""
-    users = probs.outputs
-    if len(users) != 2:
-        return None
-    isnan = next((u for u in users if u.op == "IsNaN"), None)
-    where = next((u for u in users if u.op == "Where"), None)
-    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs:
-        return None
-    fill = const_value(where.inputs[1])
-    return where if fill is not None and fill.size == 1 and float(fill.reshape(-1)[0]) == 0.0 else None
-
-
 def _attention_shaped(softmax: gs.Node, hops: int = 8) -> bool:
     """Whether the Softmax reads (through elementwise ops) a MatMul of two activations, i.e.
     scores of queries against keys; a router's Softmax over x·W is not attention."""
@@ -151,27 +137,6 @@ def _sub(pattern, t: gs.Tensor) -> Match | None:
 def _ints(t: gs.Tensor) -> list[int] | None:
     v = const_value(t)
     return None if v is None else [int(x) for x in v.reshape(-1)]
-
-
-def _partial_ints(t: gs.Tensor) -> list[int | None] | None:
-    """A 1-D int tensor's elements where known: a constant, or a Concat of pieces some of
-    which are constant (TorchScript builds reshape targets from Shape/Gather/Unsqueeze)."""
-    whole = _ints(t)
-    if whole is not None:
-        return whole
-    node = producer(t)
-    if node is None or node.op != "Concat":
-        return None
-    out: list[int | None] = []
-    for piece in node.inputs:
-        v = _ints(piece)
-        if v is not None:
-            out.extend(v)
-        elif piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
-            out.extend([None] * piece.shape[0])
-        else:
-            return None
-    return out
 
 
 def _slice_bounds(node: gs.Node, dim: int) -> tuple[int, int]:
@@ -233,6 +198,7 @@ class AttentionFuse(FusionPass):
     before = ("dead-code-elimination",)
     emits = ("Attention", "RotaryEmbedding")
     opset = OPSET
+    counts_misses = True
 
     # -------------------------------------------------------------- scanning
     def scan(self, model: Model, ctx: PassContext, *, rewrite: bool) -> dict[str, int]:
@@ -263,22 +229,16 @@ class AttentionFuse(FusionPass):
         return counts
 
     def missed(self, ctx: PassContext, softmax: gs.Node, reason: str) -> None:
-        """Record an attention-shaped Softmax that did not fuse (counted and reported as
-        ``unfused``; with --explain also a note)."""
-        if not _attention_shaped(softmax):
-            return
-        line = f"Softmax {softmax.name!r}: {reason}"
-        ctx.unfused.setdefault(self.name, []).append(line)
-        if ctx.explain:
-            ctx.notes.append(f"{self.name}: {line.replace(':', ' not fused:', 1)}")
+        """An attention-shaped Softmax that did not fuse is a miss (a router's is not)."""
+        if _attention_shaped(softmax):
+            self.miss(ctx, f"Softmax {softmax.name!r}", reason)
 
     @staticmethod
     def _root_of(softmax: gs.Node) -> gs.Tensor | None:
         """Follow Softmax → (casts) → MatMul → Transpose → Reshape downstream."""
         t = softmax.outputs[0]
-        guard = _nan_guard_of(t)
-        if guard is not None:
-            t = guard.outputs[0]
+        if sorted(u.op for u in t.outputs) == ["IsNaN", "Where"]:  # SDPA's NaN guard (the pattern checks it)
+            t = next(u for u in t.outputs if u.op == "Where").outputs[0]
         for _ in range(4):
             users = t.outputs
             if len(users) != 1:
@@ -398,7 +358,7 @@ class AttentionFuse(FusionPass):
             layer.nodes += heads.nodes
         x3 = heads["x3"]
         shape4 = list(t.shape) if t.shape is not None and len(t.shape) == 4 else [None] * 4
-        target = _partial_ints(heads["shape"]) or [None] * 4
+        target = [e if isinstance(e, int) else None for e in shape_entries(heads["shape"]) or [None] * 4]
         if len(target) != 4:
             raise Reject(f"{which.upper()} is reshaped to rank {len(target)}, expected 4")
 
@@ -705,16 +665,22 @@ def _check_transpose_3d(m: Match) -> None:
     src = flat_node.inputs[0]
     if src.shape is None or len(src.shape) != 4:
         raise Reject("K is transposed through 3-D reshapes but its rank is not 4")
-    def is_dim(entry, i: int) -> bool:
-        if isinstance(entry, Dim):
-            return entry.same_as(src, i) or entry.same_as(m["k_rep"], i)
-        return isinstance(src.shape[i], int) and entry == src.shape[i]
-
+    k = (src, m["k_rep"])  # the same shape (src may be k_rep times a scalar)
     flat, back_dims = shape_entries(m["kt_flat_shape"]), shape_entries(m["kt_back_shape"])
-    if flat is None or len(flat) != 3 or flat[0] != -1 or not (is_dim(flat[1], 2) and is_dim(flat[2], 3)):
+    if flat is None or len(flat) != 3 or flat[0] != -1 or not (_is_dim(flat[1], 2, *k) and _is_dim(flat[2], 3, *k)):
         raise Reject("K is flattened to 3-D with a shape that is not [-1, T, D]")
-    if back_dims is None or len(back_dims) != 4 or not all(is_dim(e, i) for e, i in zip(back_dims, (0, 1, 3, 2))):
+    if back_dims is None or len(back_dims) != 4 or not all(_is_dim(e, i, *k) for e, i in zip(back_dims, (0, 1, 3, 2))):
         raise Reject("K is reshaped back to a shape that is not [B, H, D, T]")
+
+
+def _is_dim(entry, i: int, *tensors: gs.Tensor) -> bool:
+    """Whether a shape entry is provably dimension ``i`` of (one of) ``tensors``: a :class:`Dim`
+    the same as it, or an int equal to its static size."""
+    if isinstance(entry, Dim):
+        return any(entry.same_as(t, i) for t in tensors)
+    return isinstance(entry, int) and any(
+        t.shape is not None and len(t.shape) > i and isinstance(t.shape[i], int) and entry == t.shape[i]
+        for t in tensors)
 
 
 class Dim(NamedTuple):
@@ -734,14 +700,20 @@ class Dim(NamedTuple):
 
 
 def shape_entries(t: gs.Tensor, depth: int = 8) -> list | None:
-    """A 1-D int64 shape tensor's elements, each an int or a :class:`Dim` of some tensor (read through Shape/Slice/Gather/Concat/Unsqueeze/Squeeze/Cast/Reshape); None
-    when some element is neither."""
+    """A 1-D int64 shape tensor's elements, read through Shape/Slice/Gather/Concat/Unsqueeze/
+    Squeeze/Cast/Reshape (TorchScript and dynamo build reshape targets that way): each an int, a
+    :class:`Dim` of some tensor, or None where unknown. None when not even the length is known."""
     v = const_value(t)
     if v is not None:
         return [int(x) for x in v.reshape(-1)] if v.dtype.kind in "iu" else None
     node = producer(t)
-    if node is None or depth == 0:
-        return None
+    entries = None if node is None or depth == 0 else _entries_of(node, depth)
+    if entries is None and t.shape is not None and len(t.shape) == 1 and isinstance(t.shape[0], int):
+        return [None] * t.shape[0]
+    return entries
+
+
+def _entries_of(node: gs.Node, depth: int) -> list | None:
     if node.op == "Shape":
         x = node.inputs[0]
         if x.shape is None:
@@ -776,14 +748,8 @@ def _check_noop_reshape(m: Match) -> None:
     entries = shape_entries(m["pv_shape"])
     if out.shape is None or len(out.shape) != 4 or entries is None or len(entries) != 4:
         raise Reject("the attention output is reshaped to a shape that is not provably its own")
-    wild = 0
-    for i, e in enumerate(entries):
-        if e == -1:
-            wild += 1
-        elif isinstance(e, Dim):
-            if not (e.same_as(out, i) or (i in (0, 2) and any(e.same_as(q, i) for q in q_side))):
-                raise Reject("the attention output is reshaped to a shape that is not provably its own")
-        elif not (isinstance(out.shape[i], int) and e == out.shape[i]):
-            raise Reject("the attention output is reshaped to a shape that is not provably its own")
-    if wild > 1:
+    if entries.count(-1) > 1:
         raise Reject("the attention output is reshaped with more than one -1")
+    for i, e in enumerate(entries):
+        if not (e == -1 or _is_dim(e, i, out) or (i in (0, 2) and _is_dim(e, i, *q_side))):
+            raise Reject("the attention output is reshaped to a shape that is not provably its own")
