@@ -3,14 +3,16 @@ hand-built variants, and the reasons candidates are refused."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from conftest import (CONTROL_MODELS, FIXTURES, SDPA_MODELS, UNFUSED_MODELS, padded_rows_zeroed, run_ort,
-                      split_reference)
+from conftest import (CONTROL_MODELS, FIXTURES, SDPA_MODELS, UNFUSED_MODELS, padded_rows_zeroed, run_cli,
+                      run_ort, split_reference)
 from graphopt._evaluate import generate
 from graphopt.rewrite import fused_by
 
@@ -176,13 +178,11 @@ def _mha(scale_op="Mul", rotary_halves=(D // 2, D), escape=False, mask=True, par
         nodes += [n("Mul", ["kT_raw", "root_scale"], ["kT"]), n("MatMul", ["q_scaled", "kT"], ["scaled"])]
     else:
         nodes += [n("Transpose", ["k_rep"], ["kT"], perm=[0, 1, 3, 2]), n("MatMul", ["q_emb", "kT"], ["qk"])]
-    if sdpa:
-        pass
-    elif scale_op == "Mul":
-        nodes.append(n("Mul", ["qk", "scale"], ["scaled"]))
-    else:
-        inits["scale"] = np.array(D ** 0.5, np.float32)
-        nodes.append(n("Div", ["qk", "scale"], ["scaled"]))
+        if scale_op == "Mul":
+            nodes.append(n("Mul", ["qk", "scale"], ["scaled"]))
+        else:
+            inits["scale"] = np.array(D ** 0.5, np.float32)
+            nodes.append(n("Div", ["qk", "scale"], ["scaled"]))
     if mask:
         nodes.append(n("Add", ["scaled", "mask"], ["scores"]))
     nodes.append(n("Softmax", ["scores" if mask else "scaled"], ["probs"], axis=-1))
@@ -375,8 +375,6 @@ def test_sdpa_greedy_tokens(path):
 def test_unfused_attention_is_reported(tmp_path):
     """Qwen3's per-head norms are matched fused: without rmsnorm-fuse its attention cannot fuse,
     and optimize says so on stderr (one line) and in the report, not only under --explain."""
-    from conftest import run_cli
-
     report = tmp_path / "r.json"
     res = run_cli("optimize", FIXTURES / "qwen3-dynamo-sdpa-decode.onnx", "-o", tmp_path / "o.onnx", "--target",
                   "cpu", "--disable-pass", "rmsnorm-fuse", "--report", report)
@@ -384,8 +382,6 @@ def test_unfused_attention_is_reported(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: attention-fuse")]
     assert len(lines) == 1, res.stderr
     assert "left 2 of 2 candidates unfused" in lines[0] and "is not a [B,S,H·D] projection" in lines[0]
-    import json
-
     stats = {p["name"]: p for p in json.loads(report.read_text())["passes"]}["attention-fuse"]
     assert stats["counters"]["unfused"] == 2 and len(stats["details"]["unfused"]) == 2
     ok = run_cli("optimize", FIXTURES / "qwen3-dynamo-sdpa-decode.onnx", "-o", tmp_path / "p.onnx", "--target", "cpu")
