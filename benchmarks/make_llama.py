@@ -26,6 +26,7 @@ Needs tests/fixtures/requirements.txt (torch==2.13.0 CPU build, transformers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     exp = {("dynamo", "decode"): ex.DYNAMO_DECODE, ("dynamo", "prefill"): ex.DYNAMO_PREFILL,
            ("torchscript", "decode"): ex.TS_DECODE, ("torchscript", "prefill"): ex.TS_PREFILL}[args.exporter, args.graph]
-    exp = ex.dataclasses.replace(exp, attn=args.attn)
+    exp = dataclasses.replace(exp, attn=args.attn)
     opset = ex.export_one(model, exp, str(out), external_data=params * 4 > 1.5e9)
     size = sum(f.stat().st_size for f in (out, Path(str(out) + ".data")) if f.exists())
     print(f"wrote {out}: {params / 1e6:.1f} M parameters, opset {opset}, {size / 2**20:.0f} MiB")
