@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "qwen2-dynamo-decode.onnx"
+FIXTURE = ROOT / "tests" / "fixtures" / "qwen2-dynamo-sdpa-decode.onnx"
 
 
 def test_readme_main_job(tmp_path):
@@ -23,4 +23,4 @@ def test_readme_main_job(tmp_path):
         assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
     assert "OK: worst" in res.stdout
     readme = (ROOT / "README.md").read_text()
-    assert "examples/check_against_torch.py" in readme and "tests/fixtures/qwen2-dynamo-decode.onnx" in readme
+    assert "examples/check_against_torch.py" in readme and "tests/fixtures/qwen2-dynamo-sdpa-decode.onnx" in readme
